@@ -1,0 +1,130 @@
+"""Command line: `relayproxy run -c FILE`, `relayproxy check-config -c FILE`, `relayproxy demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__, metrics
+from .config import Config, ConfigError, load, with_overrides
+
+
+def _event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+
+
+async def _serve(config: Config, path: str | None, banner: str = "") -> int:
+    from .server import Server
+
+    server = Server(config, path)
+    await server.start()
+    if config.metrics.listen is not None:
+        metrics.serve(config.metrics.listen.host, config.metrics.listen.port)
+    server.install_signal_handlers()
+    if banner:
+        print(banner, flush=True)
+    await server.serve()
+    return 0
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load(args.config) if args.config else Config()
+    return with_overrides(config, args.listen, args.downstream, args.accept_domain)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"relayproxy: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(config.log.level)
+    _event_loop_policy()
+    try:
+        return asyncio.run(_serve(config, args.config))
+    except OSError as exc:
+        print(f"relayproxy: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"relayproxy: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+        if config.tls.enabled:
+            from .server import server_tls_context
+
+            server_tls_context(config)
+    except ConfigError as exc:
+        print(f"relayproxy: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config or '(defaults)'}: OK")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoMailbox, demo_config, instructions, start_mailbox
+
+    _setup_logging("info")
+    _event_loop_policy()
+
+    async def main() -> int:
+        mailbox, port = await start_mailbox(DemoMailbox())
+        config = demo_config(port, args.port, args.metrics_port)
+        try:
+            return await _serve(config, None, instructions(config))
+        finally:
+            mailbox.close()
+
+    try:
+        return asyncio.run(main())
+    except OSError as exc:
+        print(f"relayproxy demo: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relayproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"relayproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, helptext in (
+        ("run", cmd_run, "run the proxy"),
+        ("check-config", cmd_check_config, "validate a configuration file"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("-c", "--config", help="TOML configuration file")
+        p.add_argument("--listen", action="append", metavar="HOST:PORT",
+                       help="override server.listen (repeatable)")
+        p.add_argument("--downstream", action="append", metavar="HOST:PORT",
+                       help="override downstream.servers (repeatable)")
+        p.add_argument("--accept-domain", action="append", metavar="DOMAIN",
+                       help="override server.accept_domains (repeatable)")
+        p.set_defaults(func=func)
+    p = sub.add_parser("demo", help="run the proxy in front of a built-in demo mailbox")
+    p.add_argument("--port", type=int, default=2525, help="proxy port (default 2525)")
+    p.add_argument("--metrics-port", type=int, default=9325,
+                   help="metrics port (default 9325; 0 disables)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,184 @@
+"""Buffered byte I/O for one inbound connection, as an asyncio Protocol.
+
+The session reads command lines and, in DATA, whole chunks; after the end of data it must give
+back the bytes that followed the dot (pipelined commands), and after STARTTLS it must throw away
+whatever plaintext was pipelined behind the command (RFC 3207 4.2). StreamReader offers neither
+without reaching into its internals, so this small protocol owns the buffer itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+from typing import cast
+
+# Reading pauses when this much is buffered: with DATA read in chunks of the same order,
+# an inbound connection holds at most a few hundred KB whatever the message size.
+MAX_BUFFER = 256 * 1024
+CHUNK = 64 * 1024
+
+
+class LineTooLong(Exception):
+    """A command line exceeded the limit; it has been consumed through its line end."""
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, on_made: Callable[[ClientConnection], None]) -> None:
+        self._on_made = on_made
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused_reading = False
+        self._paused_writing = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.peer: tuple[str, int] = ("", 0)
+        self.local: tuple[str, int] = ("", 0)
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # asyncio.Protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Small replies must not wait for a delayed ACK (Nagle): ~40 ms per message.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.peer = (str(peer[0]), int(peer[1]))
+        self.local = (str(local[0]), int(local[1]))
+        self._on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) > MAX_BUFFER and not self._paused_reading and self.transport:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        if self._drain_waiter and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._drain_waiter and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # reading
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait_data(self) -> None:
+        if self._eof:
+            raise ConnectionResetError("client closed the connection")
+        if self._paused_reading and self.transport:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _consumed(self) -> None:
+        if self._paused_reading and len(self._buf) <= MAX_BUFFER // 2 and self.transport:
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    async def readline(self, limit: int) -> bytes:
+        """One line including its LF. Raises LineTooLong, after consuming it, past limit."""
+        start = 0
+        too_long = False
+        while True:
+            idx = self._buf.find(b"\n", start)
+            if idx >= 0:
+                line = bytes(self._buf[: idx + 1])
+                del self._buf[: idx + 1]
+                self._consumed()
+                if too_long or len(line) > limit:
+                    raise LineTooLong
+                return line
+            if len(self._buf) > limit:
+                # keep nothing of an overlong line but the fact that it was too long
+                too_long = True
+                self._buf.clear()
+            start = len(self._buf)
+            await self._wait_data()
+
+    async def read_chunk(self) -> bytes:
+        """Whatever is buffered (at least one byte); raises ConnectionResetError at EOF."""
+        while not self._buf:
+            await self._wait_data()
+        data = bytes(self._buf)
+        self._buf.clear()
+        self._consumed()
+        return data
+
+    def unread(self, data: bytes) -> None:
+        if data:
+            self._buf[:0] = data
+
+    def has_buffered(self) -> bool:
+        return bool(self._buf)
+
+    def discard_buffered(self) -> int:
+        n = len(self._buf)
+        self._buf.clear()
+        return n
+
+    # writing
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._paused_writing and self.transport and not self.transport.is_closing():
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    @property
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Switch to TLS. Anything buffered now is plaintext sent before the handshake."""
+        assert self.transport is not None
+        self.discard_buffered()
+        loop = asyncio.get_running_loop()
+        new_transport = await loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+        if new_transport is None:
+            raise ConnectionResetError("TLS handshake failed")
+        self.transport = new_transport
+        self.discard_buffered()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

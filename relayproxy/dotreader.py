@@ -1,0 +1,156 @@
+"""The DATA phase scanner: finds the end of data and checks line endings, chunk by chunk.
+
+Between the 354 and the end of data the client sends the message in wire form: CRLF-ended,
+dot-stuffed lines (RFC 5321 4.5.2). That is also what the downstream expects after its own 354,
+so clean bytes are forwarded unchanged; nothing is unstuffed and re-stuffed.
+
+The end of data is only ever <CRLF>.<CRLF> (RFC 5321 4.1.1.4). A bare LF or CR must never reach
+the downstream, because a server that accepts `<LF>.<LF>` or `<LF>.<CRLF>` as an end of data
+would read the rest as a second, smuggled message (CVE-2023-51764, "SMTP smuggling"). With
+bare_newline = "reject" the message is refused; with "normalize" every bare CR or LF becomes a
+CRLF, and a line that then reads as a lone "." is sent as ".." so the downstream cannot take it
+for the end of data.
+
+Any pattern can be split across two reads at any offset, so the scanner withholds the few
+trailing bytes that could still turn into CRLF, "." or ".CRLF", and feeds them again in front of
+the next chunk. Fast path: for a clean chunk the work is a handful of C-level bytes methods.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+_NEWLINE = re.compile(rb"\r\n|\r|\n")
+_LINE_BREAKS = (b"\r", b"\n")
+
+
+class DotReader:
+    """Feed DATA-phase bytes; get back what may be forwarded, until the end of data is seen."""
+
+    __slots__ = (
+        "_any_bol",
+        "_held",
+        "_line_len",
+        "_max_line",
+        "_normalize",
+        "_strict_bol",
+        "bare_newline",
+        "done",
+        "line_too_long",
+        "size",
+    )
+
+    def __init__(self, max_line_length: int, bare_newline: Literal["reject", "normalize"]):
+        self._max_line = max_line_length
+        self._normalize = bare_newline == "normalize"
+        self._held = b""
+        # Is the next byte at the start of a line? "strict": after CRLF (or the DATA command);
+        # "any": after CRLF, CR or LF (what a lenient reader would take for a line start).
+        self._strict_bol = True
+        self._any_bol = True
+        self._line_len = 0  # octets of the unfinished current line seen so far
+        self.size = 0  # octets of message content received, as sent (dot-stuffed)
+        self.bare_newline = False
+        self.line_too_long = False
+        self.done = False
+
+    @property
+    def failed(self) -> bool:
+        return self.line_too_long or (self.bare_newline and not self._normalize)
+
+    def feed(self, chunk: bytes) -> tuple[bytes, bytes]:
+        """Scan the next chunk.
+
+        Returns (forward, rest): the bytes to send downstream now, and, once the end of data is
+        found (self.done), the bytes that followed it (pipelined commands). The final ".CRLF"
+        is never part of forward: the caller sends it when the end-of-data verdict allows.
+        """
+        buf = self._held + chunk if self._held else chunk
+        self._held = b""
+        rest = b""
+        started_at_bol = self._any_bol
+        if self._strict_bol and buf.startswith(b".\r\n"):
+            content, rest, self.done = b"", buf[3:], True
+        else:
+            end = buf.find(b"\r\n.\r\n")
+            if end >= 0:
+                content, rest, self.done = buf[: end + 2], buf[end + 5 :], True
+            else:
+                content = self._hold_back(buf)
+        forward = self._check(content, started_at_bol)
+        if self.done:
+            self._held = b""
+        return forward, rest
+
+    def _hold_back(self, buf: bytes) -> bytes:
+        """Keep the tail that could still become part of CRLF or of a "." line; return the rest."""
+        n = len(buf)
+        hold = 0
+        if buf.endswith(b".\r") and self._is_bol(buf, n - 2):
+            hold = 2
+        elif buf.endswith(b"\r") or (buf.endswith(b".") and self._is_bol(buf, n - 1)):
+            hold = 1
+        start = n - hold
+        strict, anyb = self._bol_at(buf, start)
+        self._strict_bol, self._any_bol = strict, anyb
+        if hold:
+            self._held = buf[start:]
+            return buf[:start]
+        return buf
+
+    def _is_bol(self, buf: bytes, pos: int) -> bool:
+        return self._any_bol if pos == 0 else buf[pos - 1 : pos] in _LINE_BREAKS
+
+    def _bol_at(self, buf: bytes, pos: int) -> tuple[bool, bool]:
+        if pos == 0:
+            return self._strict_bol, self._any_bol
+        strict = buf[pos - 2 : pos] == b"\r\n" if pos >= 2 else False
+        return strict, buf[pos - 1 : pos] in _LINE_BREAKS
+
+    def _check(self, content: bytes, started_at_bol: bool) -> bytes:
+        self.size += len(content)
+        if not content or self.failed:
+            return b""
+        crlf = content.count(b"\r\n")
+        if crlf != content.count(b"\n") or crlf != content.count(b"\r"):
+            self.bare_newline = True
+            if not self._normalize:
+                return b""
+            content = _normalized(content, started_at_bol)
+        self._check_lines(content)
+        return b"" if self.line_too_long else content
+
+    def _check_lines(self, content: bytes) -> None:
+        """Track line lengths across chunks; content here has CRLF line ends only."""
+        last = content.rfind(b"\n")
+        if self._line_len + len(content) <= self._max_line:
+            self._line_len = len(content) - last - 1 if last >= 0 else self._line_len + len(content)
+            return
+        if last < 0:
+            self._line_len += len(content)
+        else:
+            lines = content.split(b"\r\n")
+            first = self._line_len + len(lines[0])
+            self._line_len = len(lines[-1])
+            if first > self._max_line or max(map(len, lines)) > self._max_line:
+                self.line_too_long = True
+        if self._line_len > self._max_line:
+            self.line_too_long = True
+
+
+def _normalized(content: bytes, bol: bool) -> bytes:
+    """Rewrite bare CR and LF as CRLF, and stuff any lone "." line that results (slow path).
+
+    A client that ends lines with bare LF does not dot-stuff "lines" that start after one, so
+    such a line holding just "." would become an end of data once its LF is made a CRLF.
+    """
+    out = bytearray()
+    pos = 0
+    for m in _NEWLINE.finditer(content):
+        line = content[pos : m.start()]
+        out += b".." if bol and line == b"." else line
+        out += b"\r\n"
+        pos, bol = m.end(), True
+    out += content[pos:]
+    return bytes(out)

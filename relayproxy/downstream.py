@@ -1,0 +1,408 @@
+"""The downstream side: live SMTP sessions to the mail server the proxy fronts.
+
+An inbound session gets a Connection at its first MAIL that passed local checks and keeps it
+for all its transactions. The Pool enforces downstream.max_connections (mail servers cap
+connections too: a spent budget is answered 451 4.3.2 at once instead of queueing), fails over
+along downstream.servers, marks a server that failed down for downstream.down_time, and keeps
+clean connections idle for reuse by a later inbound session (XCLIENT is sent again then).
+
+Commands go through aiosmtplib. Its DATA API takes a whole message (aiosmtplib#20), so the
+streamed body is written to its transport directly, with its flow control for backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections import deque
+from dataclasses import dataclass
+
+import aiosmtplib
+from aiosmtplib.esmtp import parse_esmtp_extensions
+
+from . import metrics, replies
+from .config import DownstreamConfig, HostPort
+from .replies import Reply
+
+log = logging.getLogger("relayproxy.downstream")
+
+# Body bytes buffered towards the downstream before the client is read again.
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class DownstreamError(Exception):
+    """The downstream failed; reply is what the client gets for the pending command.
+
+    fatal: the connection is gone mid-session (timeout, disconnect), so the inbound session
+    ends with 421 after the reply; otherwise (not reachable at MAIL, busy) the session goes on.
+    """
+
+    def __init__(self, reply: Reply, fatal: bool, kind: str, where: str = ""):
+        super().__init__(str(reply))
+        self.reply = reply
+        self.fatal = fatal
+        self.kind = kind
+        self.where = where
+
+
+@dataclass(frozen=True, slots=True)
+class ClientIdentity:
+    """The real client, as XCLIENT passes it on (Postfix XCLIENT_README)."""
+
+    addr: str
+    port: int
+    name: str
+    helo: str
+    proto: str  # "SMTP" or "ESMTP"
+
+
+def _xtext(value: str) -> str:
+    # RFC 3461 4: xtext; "+", "=" and characters outside 0x21-0x7e are hex-escaped.
+    return "".join(
+        c if 0x21 <= ord(c) <= 0x7E and c not in "+=" else "".join(
+            f"+{b:02X}" for b in c.encode("utf-8")
+        )
+        for c in value
+    )
+
+
+def xclient_command(client: ClientIdentity, offered: set[str]) -> bytes:
+    addr = f"IPV6:{client.addr}" if ":" in client.addr else client.addr
+    attributes = {
+        "ADDR": addr,
+        "PORT": str(client.port),
+        "NAME": client.name,
+        "HELO": client.helo or "[UNAVAILABLE]",
+        "PROTO": client.proto,
+    }
+    parts = [f"{k}={_xtext(v)}" for k, v in attributes.items() if not offered or k in offered]
+    return ("XCLIENT " + " ".join(parts)).encode("ascii")
+
+
+class Connection:
+    """One live downstream SMTP session."""
+
+    def __init__(self, pool: Pool, server: HostPort, smtp: aiosmtplib.SMTP):
+        self.pool = pool
+        self.server = server
+        self.where = str(server)
+        self.smtp = smtp
+        self.extensions: dict[str, str] = {}
+        self.in_transaction = False
+        self.reused = False
+        self._idle_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.smtp.is_connected
+
+    def supports(self, keyword: str) -> bool:
+        return keyword.lower() in self.extensions
+
+    def _fail(self, stage: str, exc: BaseException) -> DownstreamError:
+        self.close()
+        if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
+            what, kind = "timed out", "timeout"
+        else:
+            what, kind = "disconnected", "disconnect"
+        metrics.DOWNSTREAM_ERRORS.labels(kind).inc()
+        log.warning("downstream %s %s during %s: %s", self.where, what, stage, exc)
+        return DownstreamError(
+            replies.downstream_failed(self.where, stage, what), True, kind, self.where
+        )
+
+    async def command(self, stage: str, line: bytes, timeout: float | None = None) -> Reply:
+        """Send one command line and return the downstream's reply, relayable as it is."""
+        response = await self._execute(stage, line, timeout)
+        return Reply.from_downstream(response.code, response.message)
+
+    async def _execute(
+        self, stage: str, line: bytes, timeout: float | None = None
+    ) -> aiosmtplib.SMTPResponse:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            response = await self.smtp.execute_command(
+                line, timeout=self.pool.config.command_timeout if timeout is None else timeout
+            )
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise self._fail(stage, exc) from exc
+        metrics.LATENCY[stage].observe(loop.time() - started)
+        return response
+
+    async def ehlo(self, name: str) -> int:
+        response = await self._execute("ehlo", b"EHLO " + name.encode("ascii", "replace"))
+        if response.code == 250:
+            extensions, _ = parse_esmtp_extensions(response.message)
+            self.extensions = {k.lower(): v for k, v in extensions.items()}
+        return response.code
+
+    # streamed DATA
+
+    def write(self, data: bytes) -> None:
+        protocol = self.smtp.protocol
+        if protocol is None:
+            raise self._fail("DATA", ConnectionResetError("connection lost"))
+        try:
+            protocol.write(data)
+        except aiosmtplib.SMTPException as exc:
+            raise self._fail("DATA", exc) from exc
+
+    async def drain(self) -> None:
+        """Wait until the downstream has taken the body so far (backpressure to the client)."""
+        protocol = self.smtp.protocol
+        transport = self.smtp.transport
+        if protocol is None or transport is None:
+            raise self._fail("DATA", ConnectionResetError("connection lost"))
+        if transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
+            return
+        try:
+            async with asyncio.timeout(self.pool.config.data_timeout):
+                await protocol._drain_helper()
+        except (OSError, TimeoutError) as exc:
+            raise self._fail("DATA", exc) from exc
+
+    async def finish(self) -> Reply:
+        """Send the final dot (withheld until now) and return the downstream's verdict."""
+        protocol = self.smtp.protocol
+        if protocol is None:
+            raise self._fail("end of data", ConnectionResetError("connection lost"))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            protocol.write(b".\r\n")
+            response = await protocol.read_response(timeout=self.pool.config.data_timeout)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise self._fail("end of data", exc) from exc
+        metrics.LATENCY["dot"].observe(loop.time() - started)
+        self.in_transaction = False
+        return Reply.from_downstream(response.code, response.message)
+
+    def close(self) -> None:
+        """Drop the connection. Mid-DATA this is the abort: without the dot, nothing is kept."""
+        self.in_transaction = False
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        self.smtp.close()
+        self.pool._forget(self)
+
+    def quit(self) -> None:
+        """Say goodbye without waiting for the reply: nobody needs it."""
+        protocol = self.smtp.protocol
+        if protocol is not None and self.alive:
+            with contextlib.suppress(aiosmtplib.SMTPException):
+                protocol.write(b"QUIT\r\n")
+        self.close()
+
+
+@dataclass(slots=True)
+class _ServerState:
+    address: HostPort
+    down_until: float = 0.0
+
+
+class Pool:
+    def __init__(self, config: DownstreamConfig, helo_name: str):
+        self.config = config
+        self.helo_name = helo_name
+        self._servers = [_ServerState(hp) for hp in config.servers]
+        self._open: set[Connection] = set()
+        self._idle: deque[Connection] = deque()
+        self._tls_context: ssl.SSLContext | None = None
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    def _forget(self, conn: Connection) -> None:
+        if conn in self._open:
+            self._open.discard(conn)
+            metrics.DOWNSTREAM_CONNECTIONS.dec()
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+
+    async def acquire(self, client: ClientIdentity) -> Connection:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn._idle_handle is not None:
+                conn._idle_handle.cancel()
+                conn._idle_handle = None
+            if not conn.alive:
+                conn.close()
+                continue
+            try:
+                await self._introduce(conn, client)
+            except DownstreamError:
+                continue  # it went away while idle: open a fresh one instead
+            conn.reused = True
+            return conn
+        if len(self._open) >= self.config.max_connections:
+            metrics.DOWNSTREAM_ERRORS.labels("busy").inc()
+            raise DownstreamError(replies.DOWNSTREAM_BUSY, False, "busy")
+        return await self._connect(client)
+
+    def release(self, conn: Connection, clean: bool) -> None:
+        """The inbound session is done with conn; keep it for reuse if it is clean."""
+        if not (clean and self.config.reuse_connections and conn.alive) or conn.in_transaction:
+            conn.quit()
+            return
+        loop = asyncio.get_running_loop()
+        conn._idle_handle = loop.call_later(self.config.idle_timeout, conn.quit)
+        self._idle.append(conn)
+
+    def close_idle(self) -> None:
+        for conn in list(self._idle):
+            conn.quit()
+
+    def close_all(self) -> None:
+        for conn in list(self._open):
+            conn.quit()
+
+    async def _connect(self, client: ClientIdentity) -> Connection:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        candidates = [s for s in self._servers if s.down_until <= now]
+        if not candidates:
+            # every server is marked down: try them all anyway rather than refuse blindly
+            candidates = sorted(self._servers, key=lambda s: s.down_until)
+        failures = []
+        for state in candidates:
+            try:
+                conn = await self._open_connection(state.address, client)
+            except DownstreamError as exc:
+                if exc.kind == "tls":
+                    failures.append(exc)
+                    continue
+                state.down_until = loop.time() + self.config.down_time
+                failures.append(exc)
+                continue
+            state.down_until = 0.0
+            return conn
+        if len(failures) == 1:
+            raise failures[0]
+        where = ", ".join(str(s.address) for s in candidates)
+        raise DownstreamError(replies.downstream_unreachable(where), False, "connect")
+
+    async def _open_connection(self, server: HostPort, client: ClientIdentity) -> Connection:
+        use_tls = self.config.tls != "none"
+        try:
+            return await self._try_open(server, client, use_tls)
+        except _TLSFailed:
+            if self.config.tls == "required":
+                metrics.DOWNSTREAM_ERRORS.labels("tls").inc()
+                reply = replies.downstream_tls_required(str(server))
+                raise DownstreamError(reply, False, "tls", str(server)) from None
+            # opportunistic: as Postfix's "may" level, fall back to plaintext
+            return await self._try_open(server, client, False)
+
+    async def _try_open(self, server: HostPort, client: ClientIdentity, tls: bool) -> Connection:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        smtp = aiosmtplib.SMTP(
+            hostname=server.host,
+            port=server.port,
+            local_hostname=self.helo_name,
+            timeout=self.config.command_timeout,
+            start_tls=False,
+            use_tls=False,
+        )
+        try:
+            await smtp.connect(timeout=self.config.connect_timeout)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            smtp.close()
+            metrics.DOWNSTREAM_ERRORS.labels("connect").inc()
+            log.warning("downstream %s unreachable: %s", server, exc)
+            raise DownstreamError(
+                replies.downstream_unreachable(str(server)), False, "connect"
+            ) from exc
+        metrics.LATENCY["connect"].observe(loop.time() - started)
+        conn = Connection(self, server, smtp)
+        self._open.add(conn)
+        metrics.DOWNSTREAM_CONNECTIONS.inc()
+        try:
+            _set_nodelay(smtp)
+            await self._greet(conn)
+            if tls:
+                await self._starttls(conn)
+            await self._introduce(conn, client)
+        except _TLSFailed:
+            conn.close()
+            raise
+        except DownstreamError as exc:
+            conn.close()
+            # a fault while opening is this server's fault: report it as unreachable so the
+            # caller fails over, keeping the cause in the log
+            if exc.kind == "tls":
+                raise
+            raise DownstreamError(
+                replies.downstream_unreachable(str(server)), False, "connect"
+            ) from exc
+        return conn
+
+    async def _greet(self, conn: Connection) -> None:
+        if await conn.ehlo(self.helo_name) != 250:
+            conn.extensions = {}
+            reply = await conn.command("ehlo", b"HELO " + self.helo_name.encode())
+            if reply.code != 250:
+                raise DownstreamError(
+                    replies.downstream_unreachable(conn.where), False, "helo"
+                )
+
+    async def _starttls(self, conn: Connection) -> None:
+        if not conn.supports("starttls"):
+            if self.config.tls == "required":
+                raise _TLSFailed
+            return
+        if self._tls_context is None:
+            self._tls_context = _client_tls_context(self.config.tls_verify)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await conn.smtp.starttls(
+                tls_context=self._tls_context,
+                server_hostname=conn.server.host,
+                timeout=self.config.command_timeout,
+            )
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+            log.warning("downstream %s STARTTLS failed: %s", conn.where, exc)
+            conn.close()
+            raise _TLSFailed from exc
+        metrics.LATENCY["starttls"].observe(loop.time() - started)
+        await self._greet(conn)
+
+    async def _introduce(self, conn: Connection, client: ClientIdentity) -> None:
+        """Tell the downstream who the real client is (XCLIENT), when it lets us."""
+        if not (self.config.xclient and conn.supports("xclient")):
+            return
+        offered = set(conn.extensions.get("xclient", "").upper().split())
+        reply = await conn.command("xclient", xclient_command(client, offered))
+        if reply.code == 220:
+            # XCLIENT resets the downstream to its greeting state (XCLIENT_README)
+            await self._greet(conn)
+        elif reply.code >= 300:
+            log.warning("downstream %s refused XCLIENT: %s", conn.where, reply)
+
+
+class _TLSFailed(Exception):
+    pass
+
+
+def _client_tls_context(verify: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        # Mail servers behind a proxy rarely have certificates for the name we dial;
+        # encryption without verification is what "opportunistic" means in SMTP (RFC 7435).
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _set_nodelay(smtp: aiosmtplib.SMTP) -> None:
+    sock = smtp.transport.get_extra_info("socket") if smtp.transport else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

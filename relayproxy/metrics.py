@@ -1,0 +1,92 @@
+"""Every Prometheus metric of relayproxy, defined in one place.
+
+Labels are bounded sets (outcome, source, command, reason); never addresses or domains.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CONNECTIONS = Counter(
+    "relayproxy_connections", "Inbound connections accepted", registry=REGISTRY
+)
+CONNECTIONS_REFUSED = Counter(
+    "relayproxy_connections_refused",
+    "Inbound connections refused with 421 by a limit",
+    ["reason"],
+    registry=REGISTRY,
+)
+SESSIONS_ACTIVE = Gauge(
+    "relayproxy_sessions_active", "Inbound SMTP sessions in progress", registry=REGISTRY
+)
+MESSAGES = Counter(
+    "relayproxy_messages",
+    "Messages by final outcome (accepted only when the downstream said 250)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+RECIPIENTS = Counter(
+    "relayproxy_recipients",
+    "RCPT commands by outcome and by who decided",
+    ["outcome", "source"],
+    registry=REGISTRY,
+)
+REJECTIONS = Counter(
+    "relayproxy_rejections",
+    "Replies refusing a command, by stage and reply class",
+    ["stage", "code_class", "source"],
+    registry=REGISTRY,
+)
+PROTOCOL_ERRORS = Counter(
+    "relayproxy_protocol_errors",
+    "Client protocol errors (syntax, sequence, overlong lines, bare newlines)",
+    ["kind"],
+    registry=REGISTRY,
+)
+DOWNSTREAM_ERRORS = Counter(
+    "relayproxy_downstream_errors",
+    "Downstream failures: connect errors, timeouts, disconnects",
+    ["kind"],
+    registry=REGISTRY,
+)
+DOWNSTREAM_CONNECTIONS = Gauge(
+    "relayproxy_downstream_connections",
+    "Open downstream connections (in use and idle in the pool)",
+    registry=REGISTRY,
+)
+DOWNSTREAM_LATENCY = Histogram(
+    "relayproxy_downstream_latency_seconds",
+    "Downstream reply latency by command",
+    ["command"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+MESSAGE_SIZE = Histogram(
+    "relayproxy_message_size_bytes",
+    "Size of messages received (as sent by the client)",
+    buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 10485760, 26214400, 104857600),
+    registry=REGISTRY,
+)
+CONFIG_RELOADS = Counter(
+    "relayproxy_config_reloads",
+    "SIGHUP reloads by result",
+    ["result"],
+    registry=REGISTRY,
+)
+
+# Label children resolved once: .labels() costs a dict lookup and a lock per call.
+MESSAGES_ACCEPTED = MESSAGES.labels("accepted")
+MESSAGES_REJECTED = MESSAGES.labels("rejected")
+MESSAGES_TEMPFAILED = MESSAGES.labels("tempfailed")
+MESSAGES_ABORTED = MESSAGES.labels("aborted")
+LATENCY = {c: DOWNSTREAM_LATENCY.labels(c) for c in ("connect", "ehlo", "starttls", "xclient",
+                                                      "mail", "rcpt", "data", "dot", "rset")}
+for _outcome in ("accepted", "rejected", "tempfailed"):
+    for _source in ("local", "rule", "downstream"):
+        RECIPIENTS.labels(_outcome, _source)
+
+
+def serve(host: str, port: int) -> None:
+    start_http_server(port, addr=host, registry=REGISTRY)

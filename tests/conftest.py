@@ -1,0 +1,129 @@
+"""Shared fixtures: a session-wide private Postfix, and factories for proxies, scripted
+downstream servers and DNS servers that are all stopped (by PID) at teardown."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.dns import DNSMASQ, DnsServer
+from support.postfix import POSTFIX, PostfixInstance
+from support.proxy import ProxyProcess
+from support.scripted import ScriptedDownstream
+
+_INSTALL_HINT = (
+    "run the test command from README.md: it installs Postfix, dnsmasq and swaks and runs "
+    "the suite as root"
+)
+
+
+# Fixtures register (title, log reader) pairs here; a failing test's report then carries
+# those logs as extra sections, so a failure shows what the proxy/Postfix/dnsmasq said.
+_LOG_SOURCES = pytest.StashKey[list[tuple[str, Callable[[], str]]]]()
+
+
+def _add_log_source(request: pytest.FixtureRequest, title: str, read: Callable[[], str]) -> None:
+    request.node.stash.setdefault(_LOG_SOURCES, []).append((title, read))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and report.when in ("setup", "call"):
+        for title, read in item.stash.get(_LOG_SOURCES, []):
+            try:
+                text = read()
+            except OSError as exc:
+                text = f"(unreadable: {exc})"
+            report.sections.append((title, text))
+    return report
+
+
+@pytest.fixture(scope="session")
+def postfix() -> Iterator[PostfixInstance]:
+    """One private Postfix (smtpd on 127.0.0.1:<port>, domain relay.test) per session."""
+    if not Path(POSTFIX).exists():
+        pytest.fail(f"{POSTFIX} is missing: {_INSTALL_HINT}", pytrace=False)
+    if os.geteuid() != 0:
+        pytest.fail(f"the private Postfix must be started as root: {_INSTALL_HINT}",
+                    pytrace=False)
+    instance = PostfixInstance()
+    try:
+        instance.start()
+        yield instance
+    finally:
+        # stop() also covers a half-started instance (master up, smtpd not answering).
+        instance.stop()
+    instance.remove()
+
+
+@pytest.fixture
+def mailboxes(request: pytest.FixtureRequest, postfix: PostfixInstance) -> PostfixInstance:
+    """The session Postfix with an empty queue and empty mailboxes."""
+    postfix.reset()
+    _add_log_source(request, "postfix maillog (tail)", lambda: postfix.log_tail(60))
+    return postfix
+
+
+@pytest.fixture
+def proxy_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ProxyProcess]]:
+    """``proxy_factory(config, *, wait_ready=True, extra_args=(), env=None)`` -> started
+    ProxyProcess. All are stopped at teardown; a failing test's report shows their logs."""
+    started: list[ProxyProcess] = []
+
+    def make(
+        config: dict[str, Any] | str, *, wait_ready: bool = True, **kwargs: Any
+    ) -> ProxyProcess:
+        proxy = ProxyProcess(config, workdir=tmp_path_factory.mktemp("proxy"), **kwargs)
+        started.append(proxy)
+        _add_log_source(request, f"proxy log {proxy.log_path} (tail)",
+                        lambda: proxy.log_tail(80))
+        return proxy.start(wait_ready=wait_ready)
+
+    yield make
+    for proxy in started:
+        if proxy.process is not None:
+            proxy.stop()
+
+
+@pytest.fixture
+def scripted(request: pytest.FixtureRequest) -> Iterator[Callable[..., ScriptedDownstream]]:
+    """``scripted(script=None, **kwargs)`` -> started ScriptedDownstream; stopped at teardown."""
+    servers: list[ScriptedDownstream] = []
+
+    def make(script: dict[str, Any] | None = None, **kwargs: Any) -> ScriptedDownstream:
+        server = ScriptedDownstream(script, **kwargs)
+        servers.append(server)
+        _add_log_source(request, "scripted server state", server.describe)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def dns_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., DnsServer]]:
+    """``dns_server(ptr=None, a=None, txt=None)`` -> started dnsmasq; stopped at teardown."""
+    if not Path(DNSMASQ).exists():
+        pytest.fail(f"{DNSMASQ} is missing: {_INSTALL_HINT}", pytrace=False)
+    servers: list[DnsServer] = []
+
+    def make(**kwargs: Any) -> DnsServer:
+        server = DnsServer(workdir=tmp_path_factory.mktemp("dns"), **kwargs)
+        servers.append(server)
+        _add_log_source(request, "dnsmasq log (tail)", lambda: server.log_text()[-4000:])
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()

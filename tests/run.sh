@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs on a fresh Debian machine, then run it.
+#   - Debian packages: postfix (the real downstream, and smtp-sink/smtp-source for the
+#     benchmark), dnsmasq-base (the tests' own DNS server), openssl (test certificates), swaks
+#   - a virtualenv .venv with relayproxy and its test dependencies
+# Usage: bash tests/run.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v /usr/sbin/postfix >/dev/null || need+=(postfix)
+command -v /usr/sbin/dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v openssl >/dev/null || need+=(openssl)
+command -v swaks >/dev/null || need+=(swaks)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "tests/run.sh: missing ${need[*]}; run as root (apt-get) or install them" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  # No MTA configuration: the tests run their own private Postfix on loopback ports.
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  apt-get -o DPkg::Lock::Timeout=120 update -q
+  apt-get -o DPkg::Lock::Timeout=120 install -y -q --no-install-recommends "${need[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q -e '.[test]'
+
+.venv/bin/ruff check relayproxy tests
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,152 @@
+"""A real DNS server (dnsmasq) on loopback, with records chosen by the test."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.query
+
+from .ports import LOOPBACK, free_port
+
+DNSMASQ = "/usr/sbin/dnsmasq"
+_POLL_INTERVAL = 0.05
+
+
+class DnsServerError(RuntimeError):
+    """dnsmasq could not be started or stopped."""
+
+
+class DnsServer:
+    """dnsmasq serving only the given records on 127.0.0.1:<free port> (UDP and TCP).
+
+    ``ptr`` maps IP addresses to names, ``a`` maps names to IPv4 (or IPv6) addresses, ``txt``
+    maps names to a text string (or a list of strings, one TXT record each). Any other name
+    gets NXDOMAIN (never forwarded anywhere), like a zone that simply lacks the record.
+    """
+
+    def __init__(
+        self,
+        ptr: Mapping[str, str] | None = None,
+        a: Mapping[str, str | list[str]] | None = None,
+        txt: Mapping[str, str | list[str]] | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        self.host = LOOPBACK
+        self.port = 0
+        self.ptr = dict(ptr or {})
+        self.a = dict(a or {})
+        self.txt = dict(txt or {})
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="relayproxy-dns-"))
+        self.log_path = self.workdir / "dnsmasq.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def nameserver(self) -> str:
+        """The "host:port" form the proxy's [dns] nameservers setting takes."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def _record_args(self) -> list[str]:
+        args: list[str] = []
+        for ip, name in self.ptr.items():
+            reverse = ipaddress.ip_address(ip).reverse_pointer
+            args.append(f"--ptr-record={reverse},{name}")
+        for name, addresses in self.a.items():
+            for address in [addresses] if isinstance(addresses, str) else addresses:
+                # --dns-rr serves exactly this record; --host-record would also invent a
+                # PTR for the address, which would break tests of mismatched reverse DNS.
+                parsed = ipaddress.ip_address(address)
+                rr_type = 1 if parsed.version == 4 else 28
+                args.append(f"--dns-rr={name},{rr_type},{parsed.packed.hex()}")
+        for name, texts in self.txt.items():
+            for text in [texts] if isinstance(texts, str) else texts:
+                if "," in text:
+                    raise ValueError(f"TXT text may not contain ',' (dnsmasq syntax): {text!r}")
+                args.append(f"--txt-record={name},{text}")
+        return args
+
+    def start(self, timeout: float = 10) -> DnsServer:
+        # The port is only known free for TCP; if UDP happens to be taken dnsmasq exits,
+        # and a fresh port is tried.
+        for _attempt in range(3):
+            self.port = free_port()
+            if self._start_once(timeout):
+                return self
+        raise DnsServerError(f"dnsmasq failed to start:\n{self.log_text()}")
+
+    def _start_once(self, timeout: float) -> bool:
+        argv = [
+            DNSMASQ,
+            "--keep-in-foreground",
+            "--log-facility=-",
+            "--log-queries",
+            "--pid-file=",
+            f"--port={self.port}",
+            f"--listen-address={self.host}",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            # Answer NXDOMAIN for every name not configured instead of REFUSED (no upstream).
+            "--local=/#/",
+            *self._record_args(),
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        probe = dns.message.make_query("readiness-probe.invalid", "A")
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.process = None
+                return False
+            try:
+                dns.query.udp(probe, self.host, port=self.port, timeout=0.5)
+                return True
+            except (dns.exception.Timeout, OSError):
+                time.sleep(_POLL_INTERVAL)
+        self.stop()
+        raise DnsServerError(
+            f"dnsmasq on {self.nameserver} did not answer within {timeout}s:\n{self.log_text()}"
+        )
+
+    def stop(self, timeout: float = 10) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def query(self, name: str, rdtype: str) -> dns.message.Message:
+        """Ask this server directly (for tests of the test infrastructure)."""
+        return dns.query.udp(
+            dns.message.make_query(name, rdtype), self.host, port=self.port, timeout=2
+        )
+
+    def __enter__(self) -> DnsServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+__all__ = ["DnsServer", "DnsServerError"]
