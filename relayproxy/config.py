@@ -34,7 +34,7 @@ class HostPort:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 25),)
-    hostname: str = field(default_factory=socket.getfqdn)
+    hostname: str = field(default_factory=socket.gethostname)
     accept_domains: tuple[str, ...] = ()
     max_message_size: int = 26_214_400
     max_recipients: int = 100

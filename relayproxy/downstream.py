@@ -212,6 +212,7 @@ class Pool:
         self._servers = [_ServerState(hp) for hp in config.servers]
         self._open: set[Connection] = set()
         self._idle: deque[Connection] = deque()
+        self._connecting = 0
         self._tls_context: ssl.SSLContext | None = None
 
     @property
@@ -240,10 +241,15 @@ class Pool:
                 continue  # it went away while idle: open a fresh one instead
             conn.reused = True
             return conn
-        if len(self._open) >= self.config.max_connections:
+        # connections still being opened count too, or a burst of MAILs would overshoot
+        if len(self._open) + self._connecting >= self.config.max_connections:
             metrics.DOWNSTREAM_ERRORS.labels("busy").inc()
             raise DownstreamError(replies.DOWNSTREAM_BUSY, False, "busy")
-        return await self._connect(client)
+        self._connecting += 1
+        try:
+            return await self._connect(client)
+        finally:
+            self._connecting -= 1
 
     def release(self, conn: Connection, clean: bool) -> None:
         """The inbound session is done with conn; keep it for reuse if it is clean."""
@@ -343,10 +349,11 @@ class Pool:
             ) from exc
         return conn
 
-    async def _greet(self, conn: Connection) -> None:
-        if await conn.ehlo(self.helo_name) != 250:
+    async def _greet(self, conn: Connection, name: str = "") -> None:
+        name = name or self.helo_name
+        if await conn.ehlo(name) != 250:
             conn.extensions = {}
-            reply = await conn.command("ehlo", b"HELO " + self.helo_name.encode())
+            reply = await conn.command("ehlo", b"HELO " + name.encode("ascii", "replace"))
             if reply.code != 250:
                 raise DownstreamError(
                     replies.downstream_unreachable(conn.where), False, "helo"
@@ -381,8 +388,9 @@ class Pool:
         offered = set(conn.extensions.get("xclient", "").upper().split())
         reply = await conn.command("xclient", xclient_command(client, offered))
         if reply.code == 220:
-            # XCLIENT resets the downstream to its greeting state (XCLIENT_README)
-            await self._greet(conn)
+            # XCLIENT resets the downstream to its greeting state (XCLIENT_README); greeting it
+            # with the client's own HELO name keeps that name in its logs and Received header
+            await self._greet(conn, client.helo)
         elif reply.code >= 300:
             log.warning("downstream %s refused XCLIENT: %s", conn.where, reply)
 
