@@ -31,6 +31,7 @@ class DotReader:
     __slots__ = (
         "_any_bol",
         "_held",
+        "_line_dot",
         "_line_len",
         "_max_line",
         "_normalize",
@@ -50,6 +51,7 @@ class DotReader:
         self._strict_bol = True
         self._any_bol = True
         self._line_len = 0  # octets of the unfinished current line seen so far
+        self._line_dot = False  # ... and whether it began with a dot
         self.size = 0  # octets of message content received, as sent (dot-stuffed)
         self.bare_newline = False
         self.line_too_long = False
@@ -69,7 +71,9 @@ class DotReader:
         buf = self._held + chunk if self._held else chunk
         self._held = b""
         rest = b""
-        started_at_bol = self._any_bol
+        # A chunk that begins right after a bare newline begins a line only for a lenient
+        # reader; in normalize mode that line becomes a real one downstream.
+        after_bare = self._any_bol and not self._strict_bol
         if self._strict_bol and buf.startswith(b".\r\n"):
             content, rest, self.done = b"", buf[3:], True
         else:
@@ -78,7 +82,7 @@ class DotReader:
                 content, rest, self.done = buf[: end + 2], buf[end + 5 :], True
             else:
                 content = self._hold_back(buf)
-        forward = self._check(content, started_at_bol)
+        forward = self._check(content, after_bare)
         if self.done:
             self._held = b""
         return forward, rest
@@ -108,7 +112,7 @@ class DotReader:
         strict = buf[pos - 2 : pos] == b"\r\n" if pos >= 2 else False
         return strict, buf[pos - 1 : pos] in _LINE_BREAKS
 
-    def _check(self, content: bytes, started_at_bol: bool) -> bytes:
+    def _check(self, content: bytes, after_bare: bool) -> bytes:
         self.size += len(content)
         if not content or self.failed:
             return b""
@@ -117,25 +121,44 @@ class DotReader:
             self.bare_newline = True
             if not self._normalize:
                 return b""
-            content = _normalized(content, started_at_bol)
+            content = _normalized(content, after_bare or self._line_len == 0)
+        elif after_bare and self._normalize and content.startswith(b"."):
+            content = _normalized(content, True)
         self._check_lines(content)
         return b"" if self.line_too_long else content
 
     def _check_lines(self, content: bytes) -> None:
-        """Track line lengths across chunks; content here has CRLF line ends only."""
+        """Track line lengths across chunks; content here has CRLF line ends only.
+
+        A line's leading dot is not counted: it is the dot doubled for transparency
+        (RFC 5321 4.5.3.1.6), or a lone "." that the limit cannot be about.
+        """
+        n = len(content)
         last = content.rfind(b"\n")
-        if self._line_len + len(content) <= self._max_line:
-            self._line_len = len(content) - last - 1 if last >= 0 else self._line_len + len(content)
+        if self._line_len == 0:
+            self._line_dot = content.startswith(b".")
+        if self._line_len + n <= self._max_line:
+            # no line here can be over the limit: just carry the unfinished one
+            if last < 0:
+                self._line_len += n
+            else:
+                self._line_len = n - last - 1
+                self._line_dot = content[last + 1 : last + 2] == b"."
             return
         if last < 0:
-            self._line_len += len(content)
+            self._line_len += n
         else:
             lines = content.split(b"\r\n")
-            first = self._line_len + len(lines[0])
-            self._line_len = len(lines[-1])
-            if first > self._max_line or max(map(len, lines)) > self._max_line:
+            first = self._line_len + len(lines[0]) - self._line_dot
+            limit = self._max_line
+            if first > limit or any(
+                len(line) - line.startswith(b".") > limit for line in lines[1:-1]
+                if len(line) > limit
+            ):
                 self.line_too_long = True
-        if self._line_len > self._max_line:
+            self._line_len = len(lines[-1])
+            self._line_dot = lines[-1].startswith(b".")
+        if self._line_len - self._line_dot > self._max_line:
             self.line_too_long = True
 
 

@@ -406,7 +406,7 @@ class Session:
             self.reply(replies.PARAM_SYNTAX)
             return
         if not tx.envelope.recipients:
-            self.reply(replies.NO_VALID_RCPT)
+            self.reply(replies.NO_VALID_RCPT if tx.rcpt_log else replies.NEED_RCPT)
             return
         conn = self.conn
         assert conn is not None

@@ -313,6 +313,7 @@ def test_downstream_stall_times_out(
     with _session(proxy) as client:
         replies = _drive(client, stage)
         _assert_fault_then_421(client, replies[-1], server.port, "timed out", stage)
+    # Past RCPT (DATA, body, dot) nothing may have been acknowledged with 250.
     assert all(r.code != 250 for r in replies[2:]), "something was acknowledged with 250"
     if stage == "DOT":
         # The dot went out but was never answered: the client must not have been told 250.
@@ -333,10 +334,14 @@ def test_downstream_drop(
     with _session(proxy) as client:
         replies = _drive(client, stage)
         _assert_fault_then_421(client, replies[-1], server.port, "disconnected", stage)
+    # Past RCPT (DATA, body, dot) nothing may have been acknowledged with 250.
     assert all(r.code != 250 for r in replies[2:]), "something was acknowledged with 250"
     if stage == "BODY":
         assert server.messages == []
         assert not server.dot_received
+    if stage == "DOT":
+        # The downstream had the whole message when it vanished: still no 250 to the client.
+        assert server.dot_received
     assert proxy.metric("relayproxy_downstream_errors_total", {"kind": "disconnect"}) >= 1
     assert proxy.metric("relayproxy_messages_total", {"outcome": "accepted"}) == 0
 
@@ -454,7 +459,9 @@ def test_connection_reused_with_xclient_again(
     port1 = _session_with_message(proxy, "first.test")
     port2 = _session_with_message(proxy, "second.test")
     assert server.connections == 1
-    first, second = _xclients(server.commands[0])
+    xclients = _xclients(server.commands[0])
+    assert len(xclients) == 2, f"XCLIENT not sent again on reuse: {server.commands[0]}"
+    first, second = xclients
     # Each inbound session is introduced with its own identity on the shared connection.
     assert "HELO=first.test" in first.split()
     assert "HELO=second.test" in second.split()
