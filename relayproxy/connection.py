@@ -14,10 +14,10 @@ import ssl
 from collections.abc import Callable
 from typing import cast
 
-# Reading pauses when this much is buffered: with DATA read in chunks of the same order,
+# Reading pauses when this much is buffered, and DATA is taken from the buffer whole, so
 # an inbound connection holds at most a few hundred KB whatever the message size.
 MAX_BUFFER = 256 * 1024
-CHUNK = 64 * 1024
+CLOSE_FLUSH_TIMEOUT = 5.0  # seconds a closing connection may take to flush its last replies
 
 
 class LineTooLong(Exception):
@@ -29,6 +29,8 @@ class ClientConnection(asyncio.Protocol):
         self._on_made = on_made
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
+        self._scanned = 0  # how much of _buf is known to hold no LF
+        self._overlong = False  # the line being read is over the limit, and being dropped
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
@@ -36,7 +38,6 @@ class ClientConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
-        self.closed = asyncio.get_running_loop().create_future()
 
     # asyncio.Protocol callbacks
 
@@ -69,8 +70,6 @@ class ClientConnection(asyncio.Protocol):
         self._wake()
         if self._drain_waiter and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
-        if not self.closed.done():
-            self.closed.set_result(None)
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -103,25 +102,36 @@ class ClientConnection(asyncio.Protocol):
             self._paused_reading = False
             self.transport.resume_reading()
 
-    async def readline(self, limit: int) -> bytes:
-        """One line including its LF. Raises LineTooLong, after consuming it, past limit."""
-        start = 0
-        too_long = False
-        while True:
-            idx = self._buf.find(b"\n", start)
-            if idx >= 0:
-                line = bytes(self._buf[: idx + 1])
-                del self._buf[: idx + 1]
-                self._consumed()
-                if too_long or len(line) > limit:
-                    raise LineTooLong
-                return line
+    def take_line(self, limit: int) -> bytes | None:
+        """The next buffered line including its LF, or None if no whole line is buffered yet.
+
+        Raises LineTooLong, once the line has been consumed, when it exceeds limit; nothing of
+        an overlong line is kept meanwhile.
+        """
+        idx = self._buf.find(b"\n", self._scanned)
+        if idx < 0:
             if len(self._buf) > limit:
-                # keep nothing of an overlong line but the fact that it was too long
-                too_long = True
+                self._overlong = True
                 self._buf.clear()
-            start = len(self._buf)
+            self._scanned = len(self._buf)
+            return None
+        line = bytes(self._buf[: idx + 1])
+        del self._buf[: idx + 1]
+        self._scanned = 0
+        self._consumed()
+        if self._overlong or len(line) > limit:
+            self._overlong = False
+            raise LineTooLong
+        return line
+
+    async def readline(self, limit: int) -> bytes:
+        while (line := self.take_line(limit)) is None:
             await self._wait_data()
+        return line
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._paused_writing
 
     async def read_chunk(self) -> bytes:
         """Whatever is buffered (at least one byte); raises ConnectionResetError at EOF."""
@@ -129,19 +139,19 @@ class ClientConnection(asyncio.Protocol):
             await self._wait_data()
         data = bytes(self._buf)
         self._buf.clear()
+        self._scanned = 0
         self._consumed()
         return data
 
     def unread(self, data: bytes) -> None:
         if data:
             self._buf[:0] = data
-
-    def has_buffered(self) -> bool:
-        return bool(self._buf)
+            self._scanned = 0
 
     def discard_buffered(self) -> int:
         n = len(self._buf)
         self._buf.clear()
+        self._scanned = 0
         return n
 
     # writing
@@ -158,10 +168,6 @@ class ClientConnection(asyncio.Protocol):
             finally:
                 self._drain_waiter = None
 
-    @property
-    def is_closing(self) -> bool:
-        return self.transport is None or self.transport.is_closing()
-
     async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
         """Switch to TLS. Anything buffered now is plaintext sent before the handshake."""
         assert self.transport is not None
@@ -176,9 +182,9 @@ class ClientConnection(asyncio.Protocol):
         self.discard_buffered()
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            if transport.get_write_buffer_size():
+                # close() waits to flush; a client that never reads would keep it open forever
+                asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT, transport.abort)

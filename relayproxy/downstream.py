@@ -215,10 +215,6 @@ class Pool:
         self._connecting = 0
         self._tls_context: ssl.SSLContext | None = None
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._open)
-
     def _forget(self, conn: Connection) -> None:
         if conn in self._open:
             self._open.discard(conn)

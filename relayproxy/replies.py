@@ -23,14 +23,6 @@ class Reply:
     # A multi-line downstream reply keeps its lines; text is their first line.
     lines: tuple[str, ...] = ()
 
-    @property
-    def is_positive(self) -> bool:
-        return self.code < 400
-
-    @property
-    def is_temporary(self) -> bool:
-        return 400 <= self.code < 500
-
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.enhanced, text)
 
@@ -73,9 +65,7 @@ def R(code: int, enhanced: str, text: str) -> Reply:
 
 
 # Session and protocol replies.
-OK = R(250, "2.0.0", "OK")
 RESET_OK = R(250, "2.0.0", "Reset OK")
-SENDER_OK = R(250, "2.1.0", "Sender OK")
 NOOP_OK = R(250, "2.0.0", "OK")
 BYE = R(221, "2.0.0", "Bye")
 START_TLS = R(220, "2.0.0", "Ready to start TLS")
@@ -95,7 +85,6 @@ NEED_RCPT = R(503, "5.5.1", "Need RCPT command")
 NO_VALID_RCPT = R(554, "5.5.1", "No valid recipients")
 PARAM_UNKNOWN = R(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 TLS_ALREADY = R(503, "5.5.1", "TLS already active")
-TLS_UNAVAILABLE = R(454, "4.7.0", "TLS not available")
 NO_8BIT_TLS = R(501, "5.5.4", "STARTTLS takes no arguments")
 
 RELAY_DENIED = R(550, "5.7.1", "Relay access denied")

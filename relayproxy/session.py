@@ -35,6 +35,7 @@ log = logging.getLogger("relayproxy.session")
 txlog = logging.getLogger("relayproxy.transaction")
 
 COMMAND_LINE_LIMIT = 512  # RFC 5321 4.5.3.1.4, CRLF included
+BURST = 32  # buffered commands a session handles before yielding to the others
 
 _PATH = re.compile(r"^(FROM|TO):\s*(<[^<>]*>|[^<>\s]+)(.*)$", re.IGNORECASE | re.DOTALL)
 _XTEXT = re.compile(r"^([\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
@@ -81,6 +82,7 @@ class Session:
         self.conn: Connection | None = None
         self.tx: Transaction | None = None
         self.errors = 0
+        self._burst = 0
         self.in_dot_window = False  # the dot went downstream; its reply must reach the client
         self.stopping = False
         self._client_name: tuple[str, str] | None = None
@@ -140,8 +142,20 @@ class Session:
         server = self.config.server
         timeout = server.command_timeout if self.tx else server.idle_timeout
         try:
+            # Pipelined commands are already buffered: take them without arming a timer, but
+            # let other sessions run now and then, or one flood would hold the whole loop.
+            line = self.client.take_line(COMMAND_LINE_LIMIT)
+            if line is not None and not self.client.writing_paused:
+                self._burst += 1
+                if self._burst % BURST == 0:
+                    await asyncio.sleep(0)
+                return line
             async with asyncio.timeout(timeout):
-                return await self.client.readline(COMMAND_LINE_LIMIT)
+                # A client that pipelines commands but never reads the replies must not make
+                # them pile up in memory: wait until it has taken what was written.
+                await self.client.drain()
+                return line if line is not None else await self.client.readline(
+                    COMMAND_LINE_LIMIT)
         except TimeoutError:
             self.reply(replies.TIMEOUT)
             raise SessionEnd from None

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ import pytest
 from support.ports import LOOPBACK, free_port
 from support.proxy import PROJECT_ROOT
 from support.smtpclient import RawSMTP, send_message
+from support.wait import wait_until
 
 from relayproxy.cli import build_parser
 
@@ -55,12 +55,12 @@ class Demo:
 
     def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
         """Bounded wait; fails at once if the demo exits."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.process.poll() is not None or time.monotonic() >= deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n"
-                                     f"{self.describe()}")
-            time.sleep(0.05)  # poll interval of a bounded wait
+        wait_until(predicate, what, timeout, interval=0.05, describe=self.describe,
+                   abort=self._exit_reason)
+
+    def _exit_reason(self) -> str | None:
+        code = self.process.poll()
+        return None if code is None else f"demo exited with code {code}"
 
     def greets(self) -> bool:
         try:

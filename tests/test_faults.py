@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 from support.ports import LOOPBACK, free_port
-from support.postfix import PostfixInstance, _poll
+from support.postfix import PostfixInstance
 from support.proxy import ProxyProcess, base_config
 from support.scripted import DEFAULT_EXTENSIONS, DROP, STALL, ScriptedDownstream
 from support.smtpclient import RawSMTP, Reply, data_payload, send_message
+from support.wait import wait_until
 
 ScriptedFactory = Callable[..., ScriptedDownstream]
 ProxyFactory = Callable[..., ProxyProcess]
@@ -384,9 +385,13 @@ def test_client_disconnect_mid_data_postfix_delivers_nothing(
     _disconnect_mid_data(proxy, f"Subject: {marker}\r\n\r\nfirst line\r\nsecond".encode())
     proxy.wait_for_log("outcome=aborted")
     # Postfix saw the connection end inside DATA, i.e. without the final dot.
-    assert _poll(
-        lambda: mailboxes.log_text().count("lost connection after DATA") > log_before, 15
-    ), f"Postfix did not log a lost connection in DATA:\n{mailboxes.log_tail()}"
+    wait_until(
+        lambda: mailboxes.log_text().count("lost connection after DATA") > log_before,
+        "Postfix to log a lost connection in DATA",
+        15,
+        interval=0.05,
+        describe=mailboxes.log_tail,
+    )
     mailboxes.wait_queue_empty()
     assert mailboxes.deliveries() == []
 

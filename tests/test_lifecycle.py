@@ -17,6 +17,7 @@ from support.postfix import PostfixInstance
 from support.proxy import ProxyProcess, base_config
 from support.scripted import ScriptedDownstream
 from support.smtpclient import RawSMTP, data_payload
+from support.wait import wait_until
 
 ProxyFactory = Callable[..., ProxyProcess]
 ScriptedFactory = Callable[..., ScriptedDownstream]
@@ -78,17 +79,24 @@ def _wait_rcpt_code(
 ) -> tuple[int, str | None]:
     """New sessions until RCPT gets ``code``: the SIGHUP is handled asynchronously and the
     test has no other signal that it was. Bounded in time and in sessions."""
-    deadline = time.monotonic() + timeout
-    last: tuple[int, str | None] = (0, None)
-    for _ in range(200):
-        last = _rcpt_reply(proxy, rcpt)
-        if last[0] == code or time.monotonic() >= deadline:
-            break
-        time.sleep(0.05)  # poll interval of a bounded wait, not a synchronisation sleep
-    assert last[0] == code, (
-        f"RCPT {rcpt}: still {last} after reload (wanted {code})\n{proxy.log_tail()}"
+    max_sessions = 200
+    replies: list[tuple[int, str | None]] = []
+
+    def reply_has_code() -> tuple[int, str | None] | None:
+        replies.append(_rcpt_reply(proxy, rcpt))
+        return replies[-1] if replies[-1][0] == code else None
+
+    return wait_until(
+        reply_has_code,
+        f"RCPT {rcpt} to get {code} after reload",
+        timeout,
+        interval=0.05,
+        describe=lambda: (
+            f"RCPT {rcpt}: still {replies[-1] if replies else None} after {len(replies)} "
+            f"session(s)\n{proxy.log_tail()}"
+        ),
+        abort=lambda: f"{max_sessions} sessions" if len(replies) >= max_sessions else None,
     )
-    return last
 
 
 # ---------------------------------------------------------------------- SIGTERM

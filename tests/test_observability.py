@@ -7,7 +7,6 @@ per module), in front of the real Postfix, a dead downstream, or a scripted one.
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -18,6 +17,7 @@ from support.postfix import PostfixInstance
 from support.proxy import ProxyProcess, base_config
 from support.scripted import ScriptedDownstream
 from support.smtpclient import RawSMTP, data_payload, send_message
+from support.wait import wait_until
 
 OUTCOMES = ("accepted", "rejected", "tempfailed")
 SOURCES = ("local", "rule", "downstream")
@@ -79,17 +79,14 @@ def _wait_metric(
 ) -> None:
     """Bounded wait for a metric that moves after the client has its reply (e.g. the gauge
     of active sessions drops only once the proxy has closed the connection)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = proxy.metric(name, labels)
-        if value == expected:
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"{name}{labels or ''} = {value}, expected {expected} after {timeout}s\n"
-                f"{proxy.log_tail()}"
-            )
-        time.sleep(0.02)  # poll interval of a bounded wait
+    wait_until(
+        lambda: proxy.metric(name, labels) == expected,
+        f"{name}{labels or ''} == {expected}",
+        timeout,
+        describe=lambda: (
+            f"{name}{labels or ''} = {proxy.metric(name, labels)}\n{proxy.log_tail()}"
+        ),
+    )
 
 
 def _families(proxy: ProxyProcess) -> dict[str, tuple[str, list[dict[str, str]]]]:

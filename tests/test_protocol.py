@@ -26,6 +26,7 @@ from support.postfix import PostfixInstance
 from support.proxy import ProxyProcess, base_config
 from support.scripted import ScriptedDownstream
 from support.smtpclient import ConnectionClosed, RawSMTP, Reply, dot_stuff
+from support.wait import wait_until
 
 ProxyFactory = Callable[..., ProxyProcess]
 ScriptedFactory = Callable[..., ScriptedDownstream]
@@ -51,15 +52,6 @@ SMUGGLED = (
 
 def code(reply: Reply) -> tuple[int, str | None]:
     return reply.code, reply.enhanced
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    """Bounded poll; fails with ``what`` when the condition does not come true in time."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def message(subject: str, body: str = "Hello.") -> bytes:
@@ -727,7 +719,8 @@ def test_data_timeout_mid_data_delivers_nothing(
 def _wait_sessions(proxy: ProxyProcess, n: int) -> None:
     # The readiness probe (and closed test clients) end asynchronously in the proxy.
     wait_until(lambda: proxy.metric("relayproxy_sessions_active") == n,
-               f"relayproxy_sessions_active == {n}")
+               f"relayproxy_sessions_active == {n}", 10,
+               describe=lambda: f"now {proxy.metric('relayproxy_sessions_active')}")
 
 
 def _connect_from(proxy: ProxyProcess, source: str) -> RawSMTP:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import dns.message
 import dns.query
 
 from .ports import LOOPBACK, free_port
+from .wait import wait_until
 
 DNSMASQ = "/usr/sbin/dnsmasq"
 _POLL_INTERVAL = 0.05
@@ -102,22 +102,37 @@ class DnsServer:
             *self._record_args(),
         ]
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
+            process = self.process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT
+            )
         probe = dns.message.make_query("readiness-probe.invalid", "A")
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.process = None
-                return False
+
+        def state() -> str | None:
+            # An exit is an outcome, not a failure: the caller retries on another port.
+            if process.poll() is not None:
+                return "exited"
             try:
                 dns.query.udp(probe, self.host, port=self.port, timeout=0.5)
-                return True
             except (dns.exception.Timeout, OSError):
-                time.sleep(_POLL_INTERVAL)
-        self.stop()
-        raise DnsServerError(
-            f"dnsmasq on {self.nameserver} did not answer within {timeout}s:\n{self.log_text()}"
-        )
+                return None
+            return "answering"
+
+        try:
+            outcome = wait_until(
+                state,
+                f"dnsmasq on {self.nameserver} to answer",
+                timeout,
+                interval=_POLL_INTERVAL,
+                describe=self.log_text,
+                error=DnsServerError,
+            )
+        except DnsServerError:
+            self.stop()
+            raise
+        if outcome == "exited":
+            self.process = None
+            return False
+        return True
 
     def stop(self, timeout: float = 10) -> None:
         process, self.process = self.process, None

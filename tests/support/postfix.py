@@ -12,11 +12,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from .ports import LOOPBACK, free_port
+from .wait import WaitTimeout, wait_until
 
 POSTFIX = "/usr/sbin/postfix"
 POSTQUEUE = "/usr/sbin/postqueue"
@@ -30,6 +30,7 @@ MAIL_UID = 65534
 MAIL_GID = 65534
 
 _POLL_INTERVAL = 0.05
+_QUEUE_POLL_INTERVAL = 0.1  # each look at the queue runs postqueue(1)
 
 # Every service runs unchrooted ("n" in the chroot column): a chrooted daemon would need
 # copies of /etc files inside the queue directory, which Debian's init scripts normally
@@ -198,22 +199,29 @@ class PostfixInstance:
                 f"{result.stderr}\n--- maillog tail ---\n{self.log_tail()}"
             )
         self._running = True
-        deadline = time.monotonic() + timeout
         last_error = "no attempt made"
-        while time.monotonic() < deadline:
+
+        def greets() -> bool:
+            nonlocal last_error
             try:
                 with socket.create_connection((self.host, self.port), timeout=2) as sock:
                     greeting = sock.makefile("rb").readline()
                     sock.sendall(b"QUIT\r\n")
-                if greeting.startswith(b"220 "):
-                    return
-                last_error = f"unexpected greeting {greeting!r}"
             except OSError as exc:
                 last_error = repr(exc)
-            time.sleep(_POLL_INTERVAL)
-        raise PostfixError(
-            f"postfix smtpd on {self.host}:{self.port} did not answer 220 within {timeout}s "
-            f"(last: {last_error})\n--- maillog tail ---\n{self.log_tail()}"
+                return False
+            if greeting.startswith(b"220 "):
+                return True
+            last_error = f"unexpected greeting {greeting!r}"
+            return False
+
+        wait_until(
+            greets,
+            f"postfix smtpd on {self.host}:{self.port} to answer 220",
+            timeout,
+            interval=_POLL_INTERVAL,
+            describe=lambda: f"last: {last_error}\n--- maillog tail ---\n{self.log_tail()}",
+            error=PostfixError,
         )
 
     def master_pid(self) -> int | None:
@@ -280,14 +288,16 @@ class PostfixInstance:
         self, n: int, timeout: float = 20, user: str | None = None
     ) -> list[bytes]:
         """Wait until at least ``n`` messages are delivered; return all delivered messages."""
-        found = _poll(lambda: len(self._delivered_files(user)) >= n, timeout)
-        if not found:
-            who = user or "any user"
-            raise AssertionError(
-                f"expected {n} delivered message(s) for {who} within {timeout}s, found "
-                f"{len(self._delivered_files(user))}; queue:\n{self.queue_listing()}\n"
+        wait_until(
+            lambda: len(self._delivered_files(user)) >= n,
+            f"{n} delivered message(s) for {user or 'any user'}",
+            timeout,
+            interval=_POLL_INTERVAL,
+            describe=lambda: (
+                f"found {len(self._delivered_files(user))}; queue:\n{self.queue_listing()}\n"
                 f"--- maillog tail ---\n{self.log_tail()}"
-            )
+            ),
+        )
         return self.deliveries(user)
 
     def clear_mailboxes(self) -> None:
@@ -316,11 +326,15 @@ class PostfixInstance:
 
     def wait_queue_empty(self, timeout: float = 20) -> None:
         """Wait until nothing is queued, so "nothing was delivered" assertions are final."""
-        if not _poll(self.queue_empty, timeout, interval=0.1):
-            raise AssertionError(
-                f"Postfix queue not empty after {timeout}s:\n{self.queue_listing()}\n"
-                f"--- maillog tail ---\n{self.log_tail()}"
-            )
+        wait_until(
+            self.queue_empty,
+            "the Postfix queue to be empty",
+            timeout,
+            interval=_QUEUE_POLL_INTERVAL,
+            describe=lambda: (
+                f"queue:\n{self.queue_listing()}\n--- maillog tail ---\n{self.log_tail()}"
+            ),
+        )
 
     def purge_queue(self) -> None:
         """Delete every queued message (e.g. deferred leftovers of an earlier test)."""
@@ -337,7 +351,12 @@ class PostfixInstance:
         A message still queued after ``timeout`` belongs to an earlier test (e.g. deferred);
         it is purged rather than failing the next, unrelated test.
         """
-        if not _poll(self.queue_empty, timeout, interval=0.1):
+        try:
+            wait_until(
+                self.queue_empty, "the Postfix queue to be empty", timeout,
+                interval=_QUEUE_POLL_INTERVAL,
+            )
+        except WaitTimeout:
             self.purge_queue()
             self.wait_queue_empty(timeout)
         self.clear_mailboxes()
@@ -354,16 +373,6 @@ class PostfixInstance:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
 
-def _poll(condition: Callable[[], bool], timeout: float, interval: float = _POLL_INTERVAL) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -375,7 +384,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _wait_pid_gone(pid: int, timeout: float) -> bool:
-    return _poll(lambda: not _pid_alive(pid), timeout)
+    try:
+        wait_until(
+            lambda: not _pid_alive(pid), f"pid {pid} to exit", timeout, interval=_POLL_INTERVAL
+        )
+    except WaitTimeout:
+        return False
+    return True
 
 
 def _port_open(host: str, port: int) -> bool:

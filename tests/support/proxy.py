@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from .ports import LOOPBACK, free_port
+from .wait import wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _POLL_INTERVAL = 0.05
@@ -272,30 +272,40 @@ class ProxyProcess:
         return self
 
     def wait_ready(self, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
+        """Wait until the first listen address answers 220; ProxyStartError if the proxy
+        exits first or does not answer in time."""
         last = "no attempt made"
-        while time.monotonic() < deadline:
-            code = self.returncode
-            if code is not None:
-                raise ProxyStartError(
-                    f"proxy exited with code {code} before answering 220\n"
-                    f"--- proxy log tail ---\n{self.log_tail()}"
-                )
+
+        def greets() -> bool:
+            nonlocal last
+            if self.returncode is not None:
+                return False  # do not probe a port the dead proxy no longer holds
             try:
                 with socket.create_connection((self.host, self.port), timeout=2) as sock:
                     sock.settimeout(2)
                     greeting = sock.makefile("rb").readline()
                     if greeting.startswith(b"220 "):
                         sock.sendall(b"QUIT\r\n")
-                        return
+                        return True
                     last = f"greeting {greeting!r}"
             except OSError as exc:
                 last = repr(exc)
-            time.sleep(_POLL_INTERVAL)
-        raise ProxyStartError(
-            f"proxy did not answer 220 on {self._listen()} within {timeout}s (last: {last})\n"
-            f"--- proxy log tail ---\n{self.log_tail()}"
+            return False
+
+        wait_until(
+            greets,
+            f"the proxy to answer 220 on {self._listen()}",
+            timeout,
+            interval=_POLL_INTERVAL,
+            describe=lambda: f"last: {last}\n--- proxy log tail ---\n{self.log_tail()}",
+            abort=self._exit_reason,
+            error=ProxyStartError,
         )
+
+    def _exit_reason(self) -> str | None:
+        """For ``wait_until(abort=...)``: why waiting on this proxy is pointless, if it is."""
+        code = self.returncode
+        return None if code is None else f"proxy exited with code {code}"
 
     def send_signal(self, sig: int) -> None:
         if self.process is None:
@@ -357,20 +367,26 @@ class ProxyProcess:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def wait_for_log(self, substring: str, timeout: float = 10, count: int = 1) -> str:
-        """Wait until ``substring`` occurs ``count`` times in the log; return the log."""
-        deadline = time.monotonic() + timeout
-        while True:
+        """Wait until ``substring`` occurs ``count`` times in the log; return the log.
+
+        Fails at once if the proxy has exited and its log does not have them."""
+
+        def logged() -> str | None:
             text = self.log_text()
-            if text.count(substring) >= count:
-                return text
-            exited = self.returncode is not None
-            if exited or time.monotonic() >= deadline:
-                state = f"exited with {self.returncode}" if exited else "still running"
-                raise AssertionError(
-                    f"{substring!r} x{count} not in proxy log after {timeout}s (proxy "
-                    f"{state})\n--- proxy log tail ---\n{self.log_tail()}"
-                )
-            time.sleep(_POLL_INTERVAL)
+            return text if text.count(substring) >= count else None
+
+        return wait_until(
+            logged,
+            f"{substring!r} x{count} in the proxy log",
+            timeout,
+            interval=_POLL_INTERVAL,
+            describe=lambda: (
+                f"proxy {self._exit_reason() or 'still running'}; "
+                f"{substring!r} found x{self.log_text().count(substring)}\n"
+                f"--- proxy log tail ---\n{self.log_tail()}"
+            ),
+            abort=self._exit_reason,
+        )
 
     def transactions(self) -> list[dict[str, str]]:
         """The parsed ``event=transaction`` log lines, in order."""
