@@ -247,9 +247,9 @@ class Pool:
         finally:
             self._connecting -= 1
 
-    def release(self, conn: Connection, clean: bool) -> None:
+    def release(self, conn: Connection) -> None:
         """The inbound session is done with conn; keep it for reuse if it is clean."""
-        if not (clean and self.config.reuse_connections and conn.alive) or conn.in_transaction:
+        if conn.in_transaction or not (self.config.reuse_connections and conn.alive):
             conn.quit()
             return
         loop = asyncio.get_running_loop()
@@ -276,11 +276,9 @@ class Pool:
             try:
                 conn = await self._open_connection(state.address, client)
             except DownstreamError as exc:
-                if exc.kind == "tls":
-                    failures.append(exc)
-                    continue
-                state.down_until = loop.time() + self.config.down_time
                 failures.append(exc)
+                if exc.kind != "tls":  # missing TLS is configuration, not an outage
+                    state.down_until = loop.time() + self.config.down_time
                 continue
             state.down_until = 0.0
             return conn

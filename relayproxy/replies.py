@@ -85,7 +85,7 @@ NEED_RCPT = R(503, "5.5.1", "Need RCPT command")
 NO_VALID_RCPT = R(554, "5.5.1", "No valid recipients")
 PARAM_UNKNOWN = R(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 TLS_ALREADY = R(503, "5.5.1", "TLS already active")
-NO_8BIT_TLS = R(501, "5.5.4", "STARTTLS takes no arguments")
+STARTTLS_NO_ARGS = R(501, "5.5.4", "STARTTLS takes no arguments")
 
 RELAY_DENIED = R(550, "5.7.1", "Relay access denied")
 TOO_MANY_RCPTS = R(452, "4.5.3", "Too many recipients")
@@ -115,6 +115,10 @@ def downstream_failed(where: str, stage: str, what: str) -> Reply:
 
 def downstream_closing(where: str) -> Reply:
     return R(421, "4.4.2", f"downstream {where} lost, closing connection")
+
+
+def downstream_no_smtputf8(where: str) -> Reply:
+    return R(553, "5.6.7", f"downstream {where} does not support SMTPUTF8")
 
 
 def downstream_tls_required(where: str) -> Reply:

@@ -56,6 +56,11 @@ class Transaction:
     data_started: bool = False
 
 
+def outcome_of(reply: Reply) -> str:
+    """The metrics/log word for a reply: accepted, tempfailed or rejected."""
+    return "accepted" if reply.code < 400 else "tempfailed" if reply.code < 500 else "rejected"
+
+
 def _parse_params(text: str) -> dict[str, str | None] | None:
     params: dict[str, str | None] = {}
     for item in text.split():
@@ -134,7 +139,7 @@ class Session:
             self._abort_downstream()
             self.client.write(replies.INTERNAL_ERROR.encode())
         finally:
-            self._end_transaction("aborted" if self.tx and self.tx.data_started else None)
+            self._end_session_transaction()
             self._release_downstream()
             self.client.close()
 
@@ -245,7 +250,7 @@ class Session:
             self.reply(replies.TLS_ALREADY)
             return
         if arg:
-            self.reply(replies.NO_8BIT_TLS)
+            self.reply(replies.STARTTLS_NO_ARGS)
             return
         await self._abort_transaction()
         self.client.write(replies.START_TLS.encode())
@@ -281,7 +286,7 @@ class Session:
         verdict = await self.rt.pipeline.mail(self.info, envelope)
         if verdict is not None:
             reply = self._refuse("mail", verdict)
-            self._log_transaction(Transaction(time.monotonic(), envelope), reply, "rejected")
+            self._log_transaction(Transaction(time.monotonic(), envelope), reply, outcome_of(reply))
             return
         tx = Transaction(time.monotonic(), envelope)
         try:
@@ -295,14 +300,14 @@ class Session:
             assert self.conn is not None
             self.conn.in_transaction = True
         else:
-            self._log_transaction(tx, reply, "rejected" if reply.code >= 500 else "tempfailed")
+            self._log_transaction(tx, reply, outcome_of(reply))
 
     async def _mail_downstream(self, sender: str, params: dict[str, str | None]) -> Reply:
         for attempt in (1, 2):
             kept = self.conn is not None and self.conn.alive
             conn = await self._downstream()
             if "SMTPUTF8" in params and not conn.supports("smtputf8"):
-                return replies.R(553, "5.6.7", f"downstream {conn.where} does not support SMTPUTF8")
+                return replies.downstream_no_smtputf8(conn.where)
             line = f"MAIL FROM:<{sender}>" + self._forwarded_params(conn, params, _MAIL_FORWARD)
             try:
                 return await conn.command("mail", line.encode("utf-8", "surrogateescape"))
@@ -399,9 +404,7 @@ class Session:
         self._rcpt_result(tx, rcpt, reply, "downstream")
 
     def _rcpt_result(self, tx: Transaction, rcpt: str, reply: Reply, source: str) -> None:
-        outcome = "accepted" if reply.code < 400 else "tempfailed" if reply.code < 500 else (
-            "rejected")
-        metrics.RECIPIENTS.labels(outcome, source).inc()
+        metrics.RECIPIENTS.labels(outcome_of(reply), source).inc()
         tx.rcpt_log.append(f"<{rcpt}>={reply.code}")
         if source == "downstream":
             self.reply_relayed("rcpt", reply)
@@ -506,9 +509,7 @@ class Session:
         return header.encode("utf-8", "surrogateescape")
 
     def _finish(self, tx: Transaction, reply: Reply) -> None:
-        outcome = ("accepted" if reply.code < 400 else
-                   "tempfailed" if reply.code < 500 else "rejected")
-        self._log_transaction(tx, reply, outcome)
+        self._log_transaction(tx, reply, outcome_of(reply))
         self.tx = None
 
     # RSET, NOOP, QUIT, VRFY, HELP
@@ -561,7 +562,7 @@ class Session:
         if tx is None:
             return
         if reply is not None:
-            self._log_transaction(tx, reply, "rejected" if reply.code >= 500 else "tempfailed")
+            self._log_transaction(tx, reply, outcome_of(reply))
         conn = self.conn
         if conn is not None and conn.in_transaction and conn.alive:
             try:
@@ -581,14 +582,15 @@ class Session:
 
     def _release_downstream(self) -> None:
         if self.conn is not None:
-            self.rt.pool.release(self.conn, clean=not self.conn.in_transaction)
+            self.rt.pool.release(self.conn)
             self.conn = None
 
-    def _end_transaction(self, outcome: str | None) -> None:
+    def _end_session_transaction(self) -> None:
+        """The session ends with a transaction open: a message cut off mid-DATA is aborted."""
         tx, self.tx = self.tx, None
-        if tx is not None and outcome is not None:
+        if tx is not None and tx.data_started:
             metrics.MESSAGES_ABORTED.inc()
-            self._log_transaction(tx, None, outcome)
+            self._log_transaction(tx, None, "aborted")
         if self.conn is not None and self.conn.in_transaction:
             # the client went away mid-transaction: the downstream must not deliver anything
             self._abort_downstream()

@@ -12,7 +12,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .ports import LOOPBACK, free_port
@@ -59,6 +59,7 @@ virtual   unix  -       n       n       -       -       virtual
 lmtp      unix  -       -       n       -       -       lmtp
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
@@ -90,7 +91,12 @@ def _check_parents_traversable(path: Path) -> None:
 class PostfixInstance:
     """A private Postfix 3.7 with its own config/queue directories and a loopback smtpd."""
 
-    def __init__(self, base_dir: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        port: int | None = None,
+        extra_settings: Mapping[str, str] | None = None,
+    ) -> None:
         if base_dir is None:
             base_dir = Path(tempfile.mkdtemp(prefix="relayproxy-postfix-", dir="/tmp"))
         self.base_dir: Path = _make_dir(Path(base_dir))
@@ -106,6 +112,7 @@ class PostfixInstance:
         self.users: tuple[str, ...] = USERS
         self.domain: str = DOMAIN
         self._running = False
+        self._extra_settings = dict(extra_settings or {})
         self._write_config()
 
     # ----------------------------------------------------------------- configuration
@@ -171,6 +178,7 @@ class PostfixInstance:
             "biff": "no",
             "append_dot_mydomain": "no",
             "delay_warning_time": "0h",
+            **self._extra_settings,
         }
         (self.config_dir / "main.cf").write_text(
             "".join(f"{key} = {value}\n" for key, value in settings.items())
