@@ -75,7 +75,9 @@ HELP = R(214, "2.0.0", "See RFC 5321")
 SYNTAX_ERROR = R(500, "5.5.2", "Syntax error, command unrecognized")
 LINE_TOO_LONG = R(500, "5.5.2", "Line too long (512 octets max)")
 PARAM_SYNTAX = R(501, "5.5.4", "Syntax error in parameters or arguments")
-BAD_CHARACTERS = R(501, "5.5.4", "CR, LF and NUL are not allowed in arguments")
+BAD_CHARACTERS = R(
+    501, "5.5.4", "Control characters (CR, LF, NUL, ...) are not allowed in commands"
+)
 NOT_IMPLEMENTED = R(502, "5.5.1", "Command not implemented")
 BAD_SEQUENCE = R(503, "5.5.1", "Bad sequence of commands")
 NEED_HELO = R(503, "5.5.1", "Send HELO/EHLO first")

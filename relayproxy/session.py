@@ -38,6 +38,7 @@ COMMAND_LINE_LIMIT = 512  # RFC 5321 4.5.3.1.4, CRLF included
 BURST = 32  # buffered commands a session handles before yielding to the others
 
 _PATH = re.compile(r"^(FROM|TO):\s*(<[^<>]*>|[^<>\s]+)(.*)$", re.IGNORECASE | re.DOTALL)
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _XTEXT = re.compile(r"^([\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
 _MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"}
 _RCPT_PARAMS = {"NOTIFY", "ORCPT"}
@@ -176,8 +177,9 @@ class Session:
         verb, _, arg = line.partition(b" ")
         text = verb.decode("ascii", "replace").upper()
         handler = self._commands.get(text)
-        if b"\r" in line or b"\x00" in line:
-            # Never let CR, LF or NUL reach a downstream command line (GHSA-v3q9-hj7j-63hq)
+        if _CONTROL.search(line):
+            # Never let CR, LF, NUL or any other control character reach a downstream command
+            # line (command injection, GHSA-v3q9-hj7j-63hq); SMTP separates with spaces only.
             metrics.PROTOCOL_ERRORS.labels("bad_characters").inc()
             self.reply(replies.BAD_CHARACTERS)
             return
