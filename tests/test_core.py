@@ -19,13 +19,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from support.dns import DnsServer
 from support.ports import LOOPBACK
 from support.postfix import PostfixInstance
+from support.procstat import RssPeak
 from support.proxy import ProxyProcess, base_config
 from support.scripted import DEFAULT_EXTENSIONS, STALL, ScriptedDownstream
 from support.smtpclient import ConnectionClosed, RawSMTP, Reply, data_payload, send_message
@@ -111,13 +111,6 @@ def _free_port_v6() -> int:
         sock.bind(("::1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _vmrss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -993,26 +986,11 @@ def test_large_message_streamed_with_bounded_memory(
     assert _stream_message(proxy, warm_header, block, 2).code == 250
     counting_sink.wait_for_messages(1)
 
-    baseline = _vmrss_kib(proxy.pid)
-    peak = baseline
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.02):
-            with contextlib.suppress(OSError, AssertionError):
-                peak = max(peak, _vmrss_kib(proxy.pid))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     marker = f"X-Core-Marker: {uuid.uuid4().hex}\r\n".encode()
     header = marker + b"Subject: sixty megabytes\r\n\r\n"
     blocks = 60
-    try:
+    with RssPeak(proxy.pid) as rss:
         reply = _stream_message(proxy, header, block, blocks)
-    finally:
-        done.set()
-        sampler.join(5)
     assert _code(reply) == (250, "2.0.0"), reply
     (_, message) = counting_sink.wait_for_messages(2)
 
@@ -1025,8 +1003,7 @@ def test_large_message_streamed_with_bounded_memory(
     assert message.length - offset == sent, (
         f"downstream got {message.length - offset} body octets, client sent {sent}")
     assert message.tail == (header + block)[-64:]
-    growth_mib = (peak - baseline) / 1024
-    assert growth_mib < 16, (
-        f"proxy RSS grew by {growth_mib:.1f} MiB (baseline {baseline} KiB, peak {peak} KiB) "
-        f"while streaming {sent} octets"
+    assert rss.growth_mib < 16, (
+        f"proxy RSS grew by {rss.growth_mib:.1f} MiB (baseline {rss.baseline} KiB, "
+        f"peak {rss.peak} KiB) while streaming {sent} octets"
     )

@@ -154,13 +154,9 @@ def run_dialogue(dialogue: Dialogue, host: str, port: int) -> list[str]:
 def postfix_proxy(
     postfix: PostfixInstance, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProxyProcess]:
-    proxy = ProxyProcess(base_config(postfix.port), workdir=tmp_path_factory.mktemp("proxy"))
-    try:
-        proxy.start()
+    workdir = tmp_path_factory.mktemp("proxy")
+    with ProxyProcess(base_config(postfix.port), workdir=workdir) as proxy:
         yield proxy
-    finally:
-        if proxy.process is not None:
-            proxy.stop()
 
 
 def test_dialogue_files_exist() -> None:

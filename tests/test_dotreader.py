@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.smuggling import SMUGGLED, SMUGGLING_VARIANTS
 
 from relayproxy.dotreader import DotReader
 
@@ -26,22 +27,6 @@ TERMINATOR = b"\r\n.\r\n"
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _NEWLINE = re.compile(rb"\r\n|\r|\n")
 MAX_LINE = 998
-
-# The smuggling variants (the "end of data" a lenient downstream might accept), as in
-# chasquid's and Postfix's smuggling write-ups.
-SMUGGLING_VARIANTS: dict[str, bytes] = {
-    "LF.LF": b"\n.\n",
-    "LF.CRLF": b"\n.\r\n",
-    "CR.CR": b"\r.\r",
-    "CRLF.CR": b"\r\n.\r",
-    "CR.CRLF": b"\r.\r\n",
-    "CRLF.LF": b"\r\n.\n",
-    "LF.CR": b"\n.\r",
-}
-SMUGGLED = (
-    b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<bob@relay.test>\r\nDATA\r\n"
-    b"Subject: smuggled\r\n\r\nsmuggled body"
-)
 
 
 # ---------------------------------------------------------------------- oracles and helpers

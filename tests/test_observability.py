@@ -212,30 +212,30 @@ def test_latency_histogram_has_buckets_by_command(proxy: ProxyProcess) -> None:
         assert float(inf.group(1) or inf.group(2)) == count > 0
 
 
-def test_unknown_recipient_counts_rejected_downstream(
-    proxy: ProxyProcess, mailboxes: PostfixInstance
+@pytest.mark.parametrize(
+    ("rcpt", "refusal", "source"),
+    [
+        ("nobody@relay.test", (550, "5.1.1"), "downstream"),  # Postfix: unknown user
+        ("someone@elsewhere.example", (550, "5.7.1"), "local"),  # the proxy: relay denied
+    ],
+    ids=["unknown-recipient", "relay-denied"],
+)
+def test_refused_recipient_counts_rejected_by_its_source(
+    rcpt: str,
+    refusal: tuple[int, str],
+    source: str,
+    proxy: ProxyProcess,
+    mailboxes: PostfixInstance,
 ) -> None:
     rcpts = _recipients(proxy)
     with RawSMTP(timeout=5) as client:
         client.connect(proxy.host, proxy.port)
         client.ehlo()
         assert client.cmd(f"MAIL FROM:<{_sender()}>").code == 250
-        reply = client.cmd("RCPT TO:<nobody@relay.test>")
-        assert (reply.code, reply.enhanced) == (550, "5.1.1"), reply
+        reply = client.cmd(f"RCPT TO:<{rcpt}>")
+        assert (reply.code, reply.enhanced) == refusal, reply
         client.cmd("QUIT")
-    assert _delta(_recipients(proxy), rcpts) == {("rejected", "downstream"): 1}
-
-
-def test_relay_denied_counts_rejected_local(proxy: ProxyProcess) -> None:
-    rcpts = _recipients(proxy)
-    with RawSMTP(timeout=5) as client:
-        client.connect(proxy.host, proxy.port)
-        client.ehlo()
-        assert client.cmd(f"MAIL FROM:<{_sender()}>").code == 250
-        reply = client.cmd("RCPT TO:<someone@elsewhere.example>")
-        assert (reply.code, reply.enhanced) == (550, "5.7.1"), reply
-        client.cmd("QUIT")
-    assert _delta(_recipients(proxy), rcpts) == {("rejected", "local"): 1}
+    assert _delta(_recipients(proxy), rcpts) == {("rejected", source): 1}
 
 
 def test_rejected_message_counts_rejected(

@@ -16,7 +16,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +26,13 @@ from support.postfix import PostfixInstance
 from support.proxy import ProxyProcess, base_config
 from support.scripted import ScriptedDownstream
 from support.smtpclient import ConnectionClosed, RawSMTP, Reply, dot_stuff
+from support.smuggling import SMUGGLED, SMUGGLING_VARIANTS
 from support.wait import wait_until
 
 ProxyFactory = Callable[..., ProxyProcess]
 ScriptedFactory = Callable[..., ScriptedDownstream]
 
 TERMINATOR = b"\r\n.\r\n"
-VARIANTS: dict[str, bytes] = {
-    "LF.LF": b"\n.\n",
-    "LF.CRLF": b"\n.\r\n",
-    "CR.CR": b"\r.\r",
-    "CRLF.CR": b"\r\n.\r",
-    "CR.CRLF": b"\r.\r\n",
-    "CRLF.LF": b"\r\n.\n",
-    "LF.CR": b"\n.\r",
-}
-SMUGGLED = (
-    b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<bob@relay.test>\r\nDATA\r\n"
-    b"From: evil@example.org\r\nTo: bob@relay.test\r\nSubject: smuggled\r\n\r\nsmuggled body"
-)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -86,18 +74,6 @@ def smuggle_payload(variant: bytes, marker: str) -> bytes:
         f"\r\nouter body {marker}"
     ).encode()
     return outer + variant + SMUGGLED + TERMINATOR
-
-
-@contextmanager
-def running_proxy(config: dict[str, Any], workdir: Path) -> Iterator[ProxyProcess]:
-    """A proxy for a whole module (stopped by PID at the end)."""
-    proxy = ProxyProcess(config, workdir=workdir)
-    try:
-        proxy.start()
-        yield proxy
-    finally:
-        if proxy.process is not None:
-            proxy.stop()
 
 
 class Tap:
@@ -182,7 +158,7 @@ def pf_proxy(
 ) -> Iterator[ProxyProcess]:
     """Defaults (bare_newline = reject, max_line_length = 998) in front of Postfix."""
     config = base_config(postfix.port, downstream={"reuse_connections": False})
-    with running_proxy(config, tmp_path_factory.mktemp("proxy-default")) as proxy:
+    with ProxyProcess(config, workdir=tmp_path_factory.mktemp("proxy-default")) as proxy:
         yield proxy
 
 
@@ -196,7 +172,7 @@ def normalize_proxy(
         postfix.port, server={"bare_newline": "normalize"},
         downstream={"reuse_connections": False},
     )
-    with running_proxy(config, tmp_path_factory.mktemp("proxy-normalize")) as proxy:
+    with ProxyProcess(config, workdir=tmp_path_factory.mktemp("proxy-normalize")) as proxy:
         yield proxy
 
 
@@ -208,14 +184,14 @@ def tapped(
     tap = Tap((postfix.host, postfix.port))
     try:
         with (
-            running_proxy(
+            ProxyProcess(
                 base_config(tap.port, downstream={"reuse_connections": False}),
-                tmp_path_factory.mktemp("proxy-tap-reject"),
+                workdir=tmp_path_factory.mktemp("proxy-tap-reject"),
             ) as reject,
-            running_proxy(
+            ProxyProcess(
                 base_config(tap.port, server={"bare_newline": "normalize"},
                             downstream={"reuse_connections": False}),
-                tmp_path_factory.mktemp("proxy-tap-normalize"),
+                workdir=tmp_path_factory.mktemp("proxy-tap-normalize"),
             ) as normalize,
         ):
             yield {"reject": (reject, tap), "normalize": (normalize, tap)}
@@ -236,8 +212,9 @@ def recorder() -> Iterator[ScriptedDownstream]:
 def recorder_proxy(
     recorder: ScriptedDownstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProxyProcess]:
-    with running_proxy(base_config(recorder.port), tmp_path_factory.mktemp("proxy-rec")) as p:
-        yield p
+    workdir = tmp_path_factory.mktemp("proxy-rec")
+    with ProxyProcess(base_config(recorder.port), workdir=workdir) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +237,7 @@ def tls_proxy(
 ) -> Iterator[ProxyProcess]:
     cert, key = tls_files
     config = base_config(postfix.port, tls={"cert": str(cert), "key": str(key)})
-    with running_proxy(config, tmp_path_factory.mktemp("proxy-tls")) as proxy:
+    with ProxyProcess(config, workdir=tmp_path_factory.mktemp("proxy-tls")) as proxy:
         yield proxy
 
 
@@ -421,14 +398,14 @@ def test_cr_and_nul_in_arguments_refused_and_never_forwarded(
 # ---------------------------------------------------------------------- SMTP smuggling
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(SMUGGLING_VARIANTS))
 def test_smuggling_rejected_and_nothing_delivered(
     variant: str, pf_proxy: ProxyProcess, mailboxes: PostfixInstance
 ) -> None:
     marker = uuid.uuid4().hex
     with connect(pf_proxy) as client:
         open_data(client)
-        client.send(smuggle_payload(VARIANTS[variant], marker))
+        client.send(smuggle_payload(SMUGGLING_VARIANTS[variant], marker))
         assert code(client.read_reply()) == (550, "5.6.0")
         # The next reply is the NOOP's: none of the smuggled commands was answered.
         assert code(client.cmd("NOOP")) == (250, "2.0.0")
@@ -452,21 +429,21 @@ def _assert_one_clean_delivery(mailboxes: PostfixInstance, marker: str) -> None:
     assert b"\nMAIL FROM:<evil@example.org>\nRCPT TO:<bob@relay.test>\nDATA\n" in delivered
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(SMUGGLING_VARIANTS))
 def test_smuggling_normalized_delivers_one_message(
     variant: str, normalize_proxy: ProxyProcess, mailboxes: PostfixInstance
 ) -> None:
     marker = uuid.uuid4().hex
     with connect(normalize_proxy) as client:
         open_data(client)
-        client.send(smuggle_payload(VARIANTS[variant], marker))
+        client.send(smuggle_payload(SMUGGLING_VARIANTS[variant], marker))
         assert client.read_reply().code == 250
         assert code(client.cmd("NOOP")) == (250, "2.0.0")
         client.cmd("QUIT")
     _assert_one_clean_delivery(mailboxes, marker)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(SMUGGLING_VARIANTS))
 @pytest.mark.parametrize("mode", ["reject", "normalize"])
 def test_smuggling_split_across_reads(
     mode: str,
@@ -482,8 +459,8 @@ def test_smuggling_split_across_reads(
     """
     proxy, tap = tapped[mode]
     marker = uuid.uuid4().hex
-    payload = smuggle_payload(VARIANTS[variant], marker)
-    cut = payload.index(VARIANTS[variant]) + (1 if mode == "normalize" else 0)
+    payload = smuggle_payload(SMUGGLING_VARIANTS[variant], marker)
+    cut = payload.index(SMUGGLING_VARIANTS[variant]) + (1 if mode == "normalize" else 0)
     with connect(proxy) as client:
         open_data(client)
         client.send(payload[:cut])

@@ -347,8 +347,15 @@ class ProxyProcess:
         self.send_signal(signal.SIGHUP)
 
     def __enter__(self) -> ProxyProcess:
+        """Start the proxy (unless started already); one that fails to become ready is
+        stopped here, since ``__exit__`` is not called then."""
         if self.process is None:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                if self.process is not None:
+                    self.stop()
+                raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
