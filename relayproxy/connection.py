@@ -37,7 +37,6 @@ class ClientConnection(asyncio.Protocol):
         self._paused_writing = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self.peer: tuple[str, int] = ("", 0)
-        self.local: tuple[str, int] = ("", 0)
 
     # asyncio.Protocol callbacks
 
@@ -48,9 +47,7 @@ class ClientConnection(asyncio.Protocol):
             # Small replies must not wait for a delayed ACK (Nagle): ~40 ms per message.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername") or ("", 0)
-        local = transport.get_extra_info("sockname") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
-        self.local = (str(local[0]), int(local[1]))
         self._on_made(self)
 
     def data_received(self, data: bytes) -> None:
@@ -63,7 +60,9 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
-        return False
+        # Keep our side open: the commands before the client's EOF still get their replies,
+        # and the session closes the connection when it has read everything.
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True

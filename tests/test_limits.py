@@ -36,3 +36,21 @@ def test_client_that_never_reads_replies_is_bounded_and_dropped(
     assert sent < len(flood) * 100, "the proxy never pushed back on the flood"
     assert rss.growth_mib < 16, f"proxy RSS grew by {rss.growth_mib:.1f} MiB (sent {sent} octets)"
     assert downstream.connections == 0
+
+
+def test_half_closed_client_still_gets_its_replies(
+    proxy_factory: Callable[..., ProxyProcess],
+    scripted: Callable[..., ScriptedDownstream],
+) -> None:
+    # e.g. `printf '...' | nc host 25`: nc shuts its sending side once its input is sent
+    downstream = scripted()
+    proxy = proxy_factory(base_config(downstream.port))
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        # MAIL waits for the downstream, so the EOF arrives while commands are still pending
+        sock.sendall(b"EHLO client.test\r\nMAIL FROM:<s@example.org>\r\nRSET\r\nQUIT\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    codes = [line[:4] for line in received.split(b"\r\n") if line[3:4] == b" "]
+    assert codes == [b"220 ", b"250 ", b"250 ", b"250 ", b"221 "], received
