@@ -1,5 +1,6 @@
-"""Hypothesis drives random command sequences at the proxy (the dialogue files in tests/data/
-pin known conversations; this looks for the ones nobody wrote down).
+"""Hypothesis drives random command sequences at the proxy: generated ones, and the command
+lines of the dialogue files in tests/data/ as seeds, as they are and mutated (the dialogues pin
+known conversations; this looks for the ones nobody wrote down).
 
 Whatever the client sends, every reply must be well formed with an enhanced status code of its
 own class (RFC 2034; the EHLO/HELO replies excepted), the proxy must never fail internally, and
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -35,7 +37,32 @@ _verb = st.sampled_from([
     "EHLO", "HELO", "MAIL FROM:", "RCPT TO:", "RSET", "NOOP", "VRFY", "HELP", "EXPN", "BDAT",
     "AUTH", "STARTTLS", "GET / HTTP/1.1", "mail from:", "Rcpt To:", "", "X" * 10,
 ])
-_command = st.tuples(_verb, st.sampled_from(["", " "]), _argument).map(lambda t: "".join(t))
+_generated = st.tuples(_verb, st.sampled_from(["", " "]), _argument).map(lambda t: "".join(t))
+
+
+def _dialogue_commands() -> list[str]:
+    """The command lines of the dialogue files in tests/data/: real conversations as seeds."""
+    verbs = ("EHLO", "HELO", "MAIL", "RCPT", "RSET", "NOOP", "VRFY", "HELP", "EXPN")
+    lines = []
+    for path in sorted((Path(__file__).parent / "data").glob("dialogue_*.txt")):
+        for line in path.read_text().splitlines():
+            if line.startswith("C: ") and line[3:].upper().startswith(verbs):
+                lines.append(line[3:])
+    return lines
+
+
+_SEEDS = _dialogue_commands()
+
+
+@st.composite
+def _mutated_seed(draw: st.DrawFn) -> str:
+    seed = draw(st.sampled_from(_SEEDS))
+    at = draw(st.integers(min_value=0, max_value=len(seed)))
+    cut = draw(st.integers(min_value=0, max_value=3))
+    return seed[:at] + draw(_piece) + seed[at + cut :]
+
+
+_command = st.one_of(_generated, st.sampled_from(_SEEDS), _mutated_seed())
 
 
 @pytest.fixture(scope="module")
