@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -128,7 +129,7 @@ def parse_hostport(value: str, key: str, default_port: int | None = None) -> Hos
 
 
 # Each section's keys and how a TOML value becomes a field value.
-_Converter = Any
+_Converter = Callable[[Any, str], Any]
 
 
 def _positive(kind: type) -> _Converter:
@@ -173,15 +174,16 @@ def _string_list(value: Any, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _hostports(default_port: int | None) -> _Converter:
-    def convert(value: Any, key: str) -> tuple[HostPort, ...]:
-        return tuple(parse_hostport(v, key, default_port) for v in _string_list(value, key))
+def _hostport_list(value: Any, key: str, default_port: int | None) -> tuple[HostPort, ...]:
+    return tuple(parse_hostport(v, key, default_port) for v in _string_list(value, key))
 
-    return convert
+
+def _nameservers(value: Any, key: str) -> tuple[HostPort, ...]:
+    return _hostport_list(value, key, 53)
 
 
 def _nonempty_hostports(value: Any, key: str) -> tuple[HostPort, ...]:
-    result = _hostports(None)(value, key)
+    result = _hostport_list(value, key, None)
     if not result:
         raise ConfigError(f"{key}: needs at least one host:port")
     return result
@@ -254,7 +256,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Converter]]] = {
             "idle_timeout": _positive(float),
         },
     ),
-    "dns": (DNSConfig, {"nameservers": _hostports(53), "timeout": _positive(float)}),
+    "dns": (DNSConfig, {"nameservers": _nameservers, "timeout": _positive(float)}),
     "metrics": (MetricsConfig, {"listen": _optional_hostport}),
     "log": (LogConfig, {"level": _choice("debug", "info", "warning", "error")}),
 }

@@ -19,6 +19,7 @@ import socket
 import ssl
 from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib.esmtp import parse_esmtp_extensions
@@ -157,7 +158,7 @@ class Connection:
         transport = self.smtp.transport
         if protocol is None or transport is None:
             raise self._fail("DATA", ConnectionResetError("connection lost"))
-        if transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
+        if cast(asyncio.WriteTransport, transport).get_write_buffer_size() <= WRITE_HIGH_WATER:
             return
         try:
             async with asyncio.timeout(self.pool.config.data_timeout):

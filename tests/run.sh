@@ -30,4 +30,5 @@ fi
 .venv/bin/pip install -q -e '.[test]'
 
 .venv/bin/ruff check relayproxy tests
+.venv/bin/mypy --strict relayproxy
 exec .venv/bin/python -m pytest -q "$@"
