@@ -286,7 +286,7 @@ class Pool:
         if len(failures) == 1:
             raise failures[0]
         where = ", ".join(str(s.address) for s in candidates)
-        raise DownstreamError(replies.downstream_unreachable(where), False, "connect")
+        raise DownstreamError(replies.downstream_unreachable(where), False, "connect", where)
 
     async def _open_connection(self, server: HostPort, client: ClientIdentity) -> Connection:
         use_tls = self.config.tls != "none"
@@ -318,7 +318,7 @@ class Pool:
             metrics.DOWNSTREAM_ERRORS.labels("connect").inc()
             log.warning("downstream %s unreachable: %s", server, exc)
             raise DownstreamError(
-                replies.downstream_unreachable(str(server)), False, "connect"
+                replies.downstream_unreachable(str(server)), False, "connect", str(server)
             ) from exc
         metrics.LATENCY["connect"].observe(loop.time() - started)
         conn = Connection(self, server, smtp)
@@ -336,11 +336,9 @@ class Pool:
         except DownstreamError as exc:
             conn.close()
             # a fault while opening is this server's fault: report it as unreachable so the
-            # caller fails over, keeping the cause in the log
-            if exc.kind == "tls":
-                raise
+            # caller fails over (the cause is in the log already)
             raise DownstreamError(
-                replies.downstream_unreachable(str(server)), False, "connect"
+                replies.downstream_unreachable(str(server)), False, "connect", str(server)
             ) from exc
         return conn
 
@@ -350,8 +348,10 @@ class Pool:
             conn.extensions = {}
             reply = await conn.command("ehlo", b"HELO " + name.encode("ascii", "replace"))
             if reply.code != 250:
+                metrics.DOWNSTREAM_ERRORS.labels("connect").inc()
+                log.warning("downstream %s refused EHLO and HELO: %s", conn.where, reply)
                 raise DownstreamError(
-                    replies.downstream_unreachable(conn.where), False, "helo"
+                    replies.downstream_unreachable(conn.where), False, "connect", conn.where
                 )
 
     async def _starttls(self, conn: Connection) -> None:
