@@ -476,8 +476,8 @@ class Session:
         if verdict is not None:
             # Refused before the dot: closing the downstream makes it discard the message.
             self._abort_downstream()
-            reply = self._refuse("data", verdict)
-            self._finish(tx, reply)
+            self._finish(tx, replies.for_verdict(verdict))  # logged before a reply can end us
+            self._refuse("data", verdict)
             return
         self.in_dot_window = True
         try:
