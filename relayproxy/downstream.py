@@ -182,12 +182,19 @@ class Connection:
         self.in_transaction = False
         return Reply.from_downstream(response.code, response.message)
 
-    def close(self) -> None:
-        """Drop the connection. Mid-DATA this is the abort: without the dot, nothing is kept."""
-        self.in_transaction = False
+    def park(self, idle_timeout: float) -> None:
+        """Kept idle in the pool: say goodbye if nobody takes it within idle_timeout."""
+        self._idle_handle = asyncio.get_running_loop().call_later(idle_timeout, self.quit)
+
+    def unpark(self) -> None:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+
+    def close(self) -> None:
+        """Drop the connection. Mid-DATA this is the abort: without the dot, nothing is kept."""
+        self.in_transaction = False
+        self.unpark()
         self.smtp.close()
         self.pool._forget(self)
 
@@ -226,9 +233,7 @@ class Pool:
     async def acquire(self, client: ClientIdentity) -> Connection:
         while self._idle:
             conn = self._idle.pop()
-            if conn._idle_handle is not None:
-                conn._idle_handle.cancel()
-                conn._idle_handle = None
+            conn.unpark()
             if not conn.alive:
                 conn.close()
                 continue
@@ -253,8 +258,7 @@ class Pool:
         if conn.in_transaction or not (self.config.reuse_connections and conn.alive):
             conn.quit()
             return
-        loop = asyncio.get_running_loop()
-        conn._idle_handle = loop.call_later(self.config.idle_timeout, conn.quit)
+        conn.park(self.config.idle_timeout)
         self._idle.append(conn)
 
     def close_idle(self) -> None:
