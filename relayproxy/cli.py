@@ -13,11 +13,31 @@ from .config import Config, ConfigError, load, with_overrides
 
 
 def _event_loop_policy() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    """uvloop when it is importable; RELAYPROXY_EVENT_LOOP=asyncio|uvloop decides instead.
+
+    The stdlib loop stays selectable because the two differ in timing (e.g. when TLS data
+    reaches the protocol): tests run both, and an admin can rule uvloop out of a problem.
+    """
+    import os
+
+    choice = os.environ.get("RELAYPROXY_EVENT_LOOP", "").strip().lower()
+    if choice not in ("", "uvloop", "asyncio"):
+        print(f"relayproxy: RELAYPROXY_EVENT_LOOP={choice!r}: expected uvloop or asyncio",
+              file=sys.stderr)
+        raise SystemExit(2)
+    loop = "asyncio"
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":  # asked for by name: falling back would hide the mistake
+                print("relayproxy: RELAYPROXY_EVENT_LOOP=uvloop but uvloop is not installed",
+                      file=sys.stderr)
+                raise SystemExit(2) from None
+        else:
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            loop = "uvloop"
+    logging.getLogger("relayproxy.cli").info("event loop: %s", loop)
 
 
 def _setup_logging(level: str) -> None:
@@ -68,10 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = _load(args)
-        if config.tls.enabled:
-            from .server import server_tls_context
+        from .runtime import build_runtime
 
-            server_tls_context(config)
+        build_runtime(config)  # certificates and plugins load, or the error names them
     except ConfigError as exc:
         print(f"relayproxy: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -44,6 +44,8 @@ class ServerConfig:
     max_connections: int = 1000
     max_connections_per_ip: int = 20
     bare_newline: BareNewline = "reject"
+    max_header_size: int = 262_144
+    hold_bytes: int = 131_072
     idle_timeout: float = 300.0
     command_timeout: float = 300.0
     data_timeout: float = 180.0
@@ -89,6 +91,11 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PluginsConfig:
+    checks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -101,6 +108,7 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
 
     @property
     def downstream_helo(self) -> str:
@@ -231,6 +239,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Converter]]] = {
             "max_connections": _positive(int),
             "max_connections_per_ip": _positive(int),
             "bare_newline": _choice("reject", "normalize"),
+            "max_header_size": _positive(int),
+            "hold_bytes": _nonnegative_int,
             "idle_timeout": _positive(float),
             "command_timeout": _positive(float),
             "data_timeout": _positive(float),
@@ -259,6 +269,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, _Converter]]] = {
     "dns": (DNSConfig, {"nameservers": _nameservers, "timeout": _positive(float)}),
     "metrics": (MetricsConfig, {"listen": _optional_hostport}),
     "log": (LogConfig, {"level": _choice("debug", "info", "warning", "error")}),
+    "plugins": (PluginsConfig, {"checks": _string_list}),
 }
 
 

@@ -170,6 +170,12 @@ class ClientConnection(asyncio.Protocol):
     async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
         """Switch to TLS. Anything buffered now is plaintext sent before the handshake."""
         assert self.transport is not None
+        # RFC 3207 4.2: drop the plaintext pipelined behind STARTTLS. This one clear is enough:
+        # loop.start_tls pauses reading and puts its TLS protocol in front of this one before
+        # its first await, so no plaintext can reach the buffer after it. Whatever arrives
+        # while the handshake completes is decrypted and is the client's, to be kept: with the
+        # stdlib loop, a command sent together with the client's Finished is delivered before
+        # start_tls returns, and clearing again would lose it (the client then waits forever).
         self.discard_buffered()
         loop = asyncio.get_running_loop()
         new_transport = await loop.start_tls(
@@ -178,7 +184,6 @@ class ClientConnection(asyncio.Protocol):
         if new_transport is None:
             raise ConnectionResetError("TLS handshake failed")
         self.transport = new_transport
-        self.discard_buffered()
 
     def close(self) -> None:
         transport = self.transport

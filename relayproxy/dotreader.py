@@ -177,3 +177,33 @@ def _normalized(content: bytes, bol: bool) -> bytes:
         pos, bol = m.end(), True
     out += content[pos:]
     return bytes(out)
+
+
+class Unstuffer:
+    """Wire form to message bytes: drop the dot a line starts with (RFC 5321 4.5.2).
+
+    Observers (header parsing, DKIM body hashes, scanners) need the message as it was written,
+    not as it travels. Fed what DotReader forwards: CRLF lines only, never a chunk that ends
+    in a lone CR, so a line start is either the chunk's start after a CRLF or "\r\n" inside it.
+    """
+
+    __slots__ = ("bol",)
+
+    def __init__(self, bol: bool = True) -> None:
+        self.bol = bol
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return chunk
+        out = chunk[1:] if self.bol and chunk[:1] == b"." else chunk
+        if b"\n." in out:
+            out = out.replace(b"\r\n.", b"\r\n")
+        self.bol = chunk.endswith(b"\n")
+        return out
+
+
+def stuff(data: bytes, bol: bool = True) -> bytes:
+    """Message bytes (CRLF lines) to wire form: a line starting with "." gets another."""
+    if bol and data[:1] == b".":
+        data = b"." + data
+    return data.replace(b"\n.", b"\n..") if b"\n." in data else data

@@ -1,10 +1,12 @@
 """The downstream side: live SMTP sessions to the mail server the proxy fronts.
 
-An inbound session gets a Connection at its first MAIL that passed local checks and keeps it
-for all its transactions. The Pool enforces downstream.max_connections (mail servers cap
+A transaction takes a Connection from the Pool at its first recipient that passed the local
+checks (relayproxy.leg) and gives it back when the transaction ends, so a client idling between
+messages holds nothing. The Pool enforces downstream.max_connections (mail servers cap
 connections too: a spent budget is answered 451 4.3.2 at once instead of queueing), fails over
 along downstream.servers, marks a server that failed down for downstream.down_time, and keeps
-clean connections idle for reuse by a later inbound session (XCLIENT is sent again then).
+clean connections idle for reuse. A connection remembers which client it was introduced as
+(XCLIENT); the same client gets it back without a round trip, another client re-introduces it.
 
 Commands go through aiosmtplib. Its DATA API takes a whole message (aiosmtplib#20), so the
 streamed body is written to its transport directly, with its flow control for backpressure.
@@ -94,6 +96,7 @@ class Connection:
         self.extensions: dict[str, str] = {}
         self.in_transaction = False
         self.reused = False
+        self.identity: ClientIdentity | None = None  # who XCLIENT last said the client is
         self._idle_handle: asyncio.TimerHandle | None = None
 
     @property
@@ -134,12 +137,12 @@ class Connection:
         metrics.LATENCY[stage].observe(loop.time() - started)
         return response
 
-    async def ehlo(self, name: str) -> int:
-        response = await self._execute("ehlo", b"EHLO " + name.encode("ascii", "replace"))
+    async def ehlo(self, name: str) -> aiosmtplib.SMTPResponse:
+        response = await self._execute("ehlo", b"EHLO " + name.encode("utf-8", "surrogateescape"))
         if response.code == 250:
             extensions, _ = parse_esmtp_extensions(response.message)
             self.extensions = {k.lower(): v for k, v in extensions.items()}
-        return response.code
+        return response
 
     # streamed DATA
 
@@ -222,6 +225,7 @@ class Pool:
         self._idle: deque[Connection] = deque()
         self._connecting = 0
         self._tls_context: ssl.SSLContext | None = None
+        self.extensions: dict[str, str] | None = None  # as last offered; None: not known yet
 
     def _forget(self, conn: Connection) -> None:
         if conn in self._open:
@@ -230,28 +234,55 @@ class Pool:
         with contextlib.suppress(ValueError):
             self._idle.remove(conn)
 
+    def offers(self, keyword: str) -> bool:
+        """Did the downstream offer this extension when last greeted?
+
+        Until a first connection says (no connection is opened just to ask: a relay probe must
+        cost the mail server nothing), assume it does; a parameter it then lacks is refused
+        openly where it meets the downstream (relayproxy.leg).
+        """
+        return self.extensions is None or keyword.lower() in self.extensions
+
     async def acquire(self, client: ClientIdentity) -> Connection:
-        while self._idle:
-            conn = self._idle.pop()
+        """A connection introduced as client: from the pool, or newly opened."""
+        conn = self._take_idle(client)
+        while conn is not None:
             conn.unpark()
-            if not conn.alive:
-                conn.close()
-                continue
-            try:
-                await self._introduce(conn, client)
-            except DownstreamError:
-                continue  # it went away while idle: open a fresh one instead
-            conn.reused = True
-            return conn
+            if conn.alive:
+                if conn.identity == client:
+                    return conn  # this client's own: already introduced, nothing to send
+                try:
+                    await self._introduce(conn, client)
+                    return conn
+                except DownstreamError as exc:
+                    if exc.kind in ("xclient", "helo_refused"):
+                        raise  # the client's problem, not the connection's
+            conn.close()  # it went away while idle: try another, or open a fresh one
+            conn = self._take_idle(client)
         # connections still being opened count too, or a burst of MAILs would overshoot
         if len(self._open) + self._connecting >= self.config.max_connections:
             metrics.DOWNSTREAM_ERRORS.labels("busy").inc()
             raise DownstreamError(replies.DOWNSTREAM_BUSY, False, "busy")
         self._connecting += 1
         try:
-            return await self._connect(client)
+            conn = await self._connect()
         finally:
             self._connecting -= 1
+        await self._introduce(conn, client)
+        return conn
+
+    def _take_idle(self, client: ClientIdentity) -> Connection | None:
+        """The newest idle connection, preferring one already introduced as this client."""
+        for conn in reversed(self._idle):
+            if conn.identity == client:
+                self._idle.remove(conn)
+                break
+        else:
+            if not self._idle:
+                return None
+            conn = self._idle.pop()
+        conn.reused = True
+        return conn
 
     def release(self, conn: Connection) -> None:
         """The inbound session is done with conn; keep it for reuse if it is clean."""
@@ -269,7 +300,7 @@ class Pool:
         for conn in list(self._open):
             conn.quit()
 
-    async def _connect(self, client: ClientIdentity) -> Connection:
+    async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
         now = loop.time()
         candidates = [s for s in self._servers if s.down_until <= now]
@@ -279,7 +310,7 @@ class Pool:
         failures = []
         for state in candidates:
             try:
-                conn = await self._open_connection(state.address, client)
+                conn = await self._open_connection(state.address)
             except DownstreamError as exc:
                 failures.append(exc)
                 if exc.kind != "tls":  # missing TLS is configuration, not an outage
@@ -292,19 +323,20 @@ class Pool:
         where = ", ".join(str(s.address) for s in candidates)
         raise DownstreamError(replies.downstream_unreachable(where), False, "connect", where)
 
-    async def _open_connection(self, server: HostPort, client: ClientIdentity) -> Connection:
+    async def _open_connection(self, server: HostPort) -> Connection:
         use_tls = self.config.tls != "none"
         try:
-            return await self._try_open(server, client, use_tls)
+            return await self._try_open(server, use_tls)
         except _TLSFailed:
             if self.config.tls == "required":
                 metrics.DOWNSTREAM_ERRORS.labels("tls").inc()
                 reply = replies.downstream_tls_required(str(server))
                 raise DownstreamError(reply, False, "tls", str(server)) from None
             # opportunistic: as Postfix's "may" level, fall back to plaintext
-            return await self._try_open(server, client, False)
+            return await self._try_open(server, False)
 
-    async def _try_open(self, server: HostPort, client: ClientIdentity, tls: bool) -> Connection:
+    async def _try_open(self, server: HostPort, tls: bool) -> Connection:
+        """Connect, EHLO, STARTTLS: whatever fails here is the server's fault (mark-down)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         smtp = aiosmtplib.SMTP(
@@ -333,7 +365,6 @@ class Pool:
             await self._greet(conn)
             if tls:
                 await self._starttls(conn)
-            await self._introduce(conn, client)
         except _TLSFailed:
             conn.close()
             raise
@@ -346,9 +377,11 @@ class Pool:
             ) from exc
         return conn
 
-    async def _greet(self, conn: Connection, name: str = "") -> None:
-        name = name or self.helo_name
-        if await conn.ehlo(name) != 250:
+    async def _greet(self, conn: Connection) -> None:
+        name = self.helo_name
+        if (await conn.ehlo(name)).code == 250:
+            self.extensions = conn.extensions
+        else:
             conn.extensions = {}
             reply = await conn.command("ehlo", b"HELO " + name.encode("ascii", "replace"))
             if reply.code != 250:
@@ -357,6 +390,7 @@ class Pool:
                 raise DownstreamError(
                     replies.downstream_unreachable(conn.where), False, "connect", conn.where
                 )
+            self.extensions = {}
 
     async def _starttls(self, conn: Connection) -> None:
         if not conn.supports("starttls"):
@@ -381,17 +415,40 @@ class Pool:
         await self._greet(conn)
 
     async def _introduce(self, conn: Connection, client: ClientIdentity) -> None:
-        """Tell the downstream who the real client is (XCLIENT), when it lets us."""
+        """Tell the downstream who the real client is (XCLIENT), when it lets us.
+
+        Fails closed: a downstream that offers XCLIENT trusts whatever comes through a
+        connection introduced by us, so a refused XCLIENT must never carry the message under
+        the proxy's identity. Refusals here are about this client (its HELO name, its address),
+        not the server: the connection is dropped but the server is not marked down.
+        """
+        conn.identity = None
         if not (self.config.xclient and conn.supports("xclient")):
+            conn.identity = client
             return
         offered = set(conn.extensions.get("xclient", "").upper().split())
         reply = await conn.command("xclient", xclient_command(client, offered))
+        if reply.code >= 300:
+            conn.close()
+            metrics.DOWNSTREAM_ERRORS.labels("xclient").inc()
+            log.warning("downstream %s refused XCLIENT for %s: %s", conn.where, client.addr, reply)
+            raise DownstreamError(
+                replies.downstream_refused_identity(conn.where), False, "xclient", conn.where
+            )
         if reply.code == 220:
             # XCLIENT resets the downstream to its greeting state (XCLIENT_README); greeting it
             # with the client's own HELO name keeps that name in its logs and Received header
-            await self._greet(conn, client.helo)
-        elif reply.code >= 300:
-            log.warning("downstream %s refused XCLIENT: %s", conn.where, reply)
+            # always EHLO: the extensions are needed whatever the client spoke (PROTO says that)
+            response = await conn.ehlo(client.helo)
+            if response.code != 250:
+                greeted = Reply.from_downstream(response.code, response.message)
+                conn.close()
+                metrics.DOWNSTREAM_ERRORS.labels("helo_refused").inc()
+                log.info("downstream %s refused HELO %r of %s: %s", conn.where, client.helo,
+                         client.addr, greeted)
+                # its own words are the client's answer (e.g. an invalid HELO name)
+                raise DownstreamError(greeted, False, "helo_refused", conn.where)
+        conn.identity = client
 
 
 class _TLSFailed(Exception):

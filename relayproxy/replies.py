@@ -8,7 +8,7 @@ All carry an enhanced status code (RFC 2034, RFC 3463).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .policy.verdict import Action, Verdict
 
@@ -20,11 +20,17 @@ class Reply:
     code: int
     enhanced: str
     text: str
-    # A multi-line downstream reply keeps its lines; text is their first line.
+    # A multi-line reply keeps its lines (enhanced codes included); text is their first line.
     lines: tuple[str, ...] = ()
+    # Who decided, for metrics and logs: "local" (the proxy's own limits), "rule", "downstream"
+    source: str = field(default="local", compare=False)
 
     def with_text(self, text: str) -> Reply:
-        return Reply(self.code, self.enhanced, text)
+        return Reply(self.code, self.enhanced, text, source=self.source)
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 400
 
     def __str__(self) -> str:
         body = " | ".join(self.lines) if self.lines else f"{self.enhanced} {self.text}"
@@ -32,7 +38,8 @@ class Reply:
 
     def encode(self) -> bytes:
         if not self.lines:
-            return f"{self.code} {self.enhanced} {self.text}\r\n".encode("utf-8", "replace")
+            body = f"{self.enhanced} {self.text}" if self.enhanced else self.text
+            return f"{self.code} {body}\r\n".encode("utf-8", "replace")
         out = []
         last = len(self.lines) - 1
         for i, line in enumerate(self.lines):
@@ -57,7 +64,13 @@ class Reply:
                 line if _ENHANCED.match(line.split(" ", 1)[0]) else f"{enhanced} {line}"
                 for line in raw_lines
             )
-        return cls(code, enhanced, text, lines if len(lines) > 1 or lines[0] else ())
+        return cls(code, enhanced, text, lines if len(lines) > 1 or lines[0] else (),
+                   source="downstream")
+
+    @classmethod
+    def multiline(cls, code: int, lines: list[str]) -> Reply:
+        """A multi-line reply without enhanced codes (the EHLO reply, RFC 2034)."""
+        return cls(code, "", lines[0], tuple(lines))
 
 
 def R(code: int, enhanced: str, text: str) -> Reply:
@@ -74,6 +87,9 @@ HELP = R(214, "2.0.0", "See RFC 5321")
 
 SYNTAX_ERROR = R(500, "5.5.2", "Syntax error, command unrecognized")
 LINE_TOO_LONG = R(500, "5.5.2", "Line too long (512 octets max)")
+BARE_LF_COMMAND = R(500, "5.5.2", "Bare LF in command; lines must end with CRLF")
+HELO_TOO_LONG = R(501, "5.5.4", "HELO/EHLO name too long (255 octets max)")
+PARAM_NOT_ASCII = R(501, "5.5.4", "MAIL/RCPT parameters must be ASCII")
 PARAM_SYNTAX = R(501, "5.5.4", "Syntax error in parameters or arguments")
 BAD_CHARACTERS = R(
     501, "5.5.4", "Control characters (CR, LF, NUL, ...) are not allowed in commands"
@@ -92,6 +108,9 @@ STARTTLS_NO_ARGS = R(501, "5.5.4", "STARTTLS takes no arguments")
 RELAY_DENIED = R(550, "5.7.1", "Relay access denied")
 TOO_MANY_RCPTS = R(452, "4.5.3", "Too many recipients")
 SIZE_EXCEEDED = R(552, "5.3.4", "Message size exceeds fixed maximum message size")
+HEADER_TOO_BIG = R(552, "5.3.4", "Message header section exceeds fixed maximum size")
+EIGHT_BIT_REFUSED = R(554, "5.6.3", "8-bit message content, but the downstream accepts 7-bit only")
+CHECK_FAILED = R(451, "4.3.0", "Temporary failure in message checks, try again later")
 DATA_LINE_TOO_LONG = R(500, "5.5.2", "Message line too long")
 BARE_NEWLINE = R(550, "5.6.0", "Bare CR or LF in message; lines must end with CRLF")
 START_DATA = R(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
@@ -127,9 +146,31 @@ def downstream_tls_required(where: str) -> Reply:
     return R(451, "4.7.5", f"downstream {where} does not offer required TLS")
 
 
-def greeting(hostname: str) -> bytes:
+def greeting(hostname: str) -> Reply:
     # RFC 5321 4.2: the banner has no enhanced code (RFC 2034 applies to replies to commands).
-    return f"220 {hostname} ESMTP\r\n".encode()
+    return Reply(220, "", f"{hostname} ESMTP")
+
+
+def helo_ok(hostname: str) -> Reply:
+    return Reply(250, "", hostname)
+
+
+def sender_ok(sender: str) -> Reply:
+    return R(250, "2.1.0", f"Sender <{sender}> OK")
+
+
+def downstream_refused_identity(where: str) -> Reply:
+    return R(451, "4.7.0",
+             f"downstream {where} refused the client identity (XCLIENT), try again later")
+
+
+def downstream_no_dsn(where: str) -> Reply:
+    return R(555, "5.5.4", f"downstream {where} does not support DSN parameters")
+
+
+def path_error(keyword: str, reason: str) -> Reply:
+    what = "sender" if keyword == "FROM" else "recipient"
+    return R(501, "5.1.7" if keyword == "FROM" else "5.1.3", f"Bad {what} address syntax: {reason}")
 
 
 # The one place that turns check verdicts into replies.
@@ -147,4 +188,4 @@ def for_verdict(verdict: Verdict) -> Reply:
         code = verdict.code
     if verdict.enhanced is not None:
         enhanced = verdict.enhanced
-    return Reply(code, enhanced, verdict.reason or text)
+    return Reply(code, enhanced, verdict.reason or text, source=verdict.source)

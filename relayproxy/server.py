@@ -7,60 +7,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import ssl
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-
-import dns.asyncresolver
 
 from . import config as config_module
 from . import metrics, replies
-from .checks import Pipeline, build_pipeline
 from .config import Config, ConfigError
 from .connection import ClientConnection
-from .dns import make_resolver
 from .downstream import Pool
+from .runtime import build_runtime
 from .session import Session
 
 log = logging.getLogger("relayproxy.server")
-
-
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    """Everything a session needs that is built from one configuration.
-
-    A session keeps the Runtime it started with, so a reload never changes the rules in the
-    middle of a conversation.
-    """
-
-    config: Config
-    pipeline: Pipeline
-    pool: Pool
-    resolver: dns.asyncresolver.Resolver
-    tls_context: ssl.SSLContext | None
-
-
-def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
-    pool = previous.pool if previous and previous.config.downstream == config.downstream and (
-        previous.config.downstream_helo == config.downstream_helo) else None
-    return Runtime(
-        config=config,
-        pipeline=build_pipeline(config),
-        pool=pool or Pool(config.downstream, config.downstream_helo),
-        resolver=make_resolver(config.dns),
-        tls_context=server_tls_context(config) if config.tls.enabled else None,
-    )
-
-
-def server_tls_context(config: Config) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(config.tls.cert, config.tls.key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"tls.cert: cannot load certificate/key: {exc}") from None
-    return context
 
 
 class Server:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from support.dns import DnsServer
 from support.ports import LOOPBACK
-from support.postfix import PostfixInstance
+from support.postfix import MESSAGE_SIZE_LIMIT, PostfixInstance
 from support.procstat import RssPeak
 from support.proxy import ProxyProcess, base_config
 from support.scripted import DEFAULT_EXTENSIONS, STALL, ScriptedDownstream
@@ -256,8 +256,9 @@ def test_listens_on_ipv6_loopback(
 def test_no_downstream_connection_without_accepted_mail(
     scripted: ScriptedFactory, proxy_factory: ProxyFactory
 ) -> None:
-    """Scanners that never get a MAIL through cost the downstream nothing: neither sessions
-    without MAIL nor MAIL commands refused by the proxy's own checks open a connection."""
+    """Scanners and relay probes cost the downstream nothing: sessions without MAIL, MAIL
+    commands refused by the proxy's own checks, and transactions whose recipients the proxy
+    refuses (relay probes) open no connection; MAIL alone does not either."""
     server = scripted()
     proxy = _scripted_proxy(proxy_factory, server, server={"max_message_size": SMALL_LIMIT})
     with RawSMTP() as client:
@@ -281,17 +282,27 @@ def test_no_downstream_connection_without_accepted_mail(
         assert client.cmd("MAIL FROM:<unbalanced@example.org").code == 501
         assert client.cmd("RCPT TO:<alice@relay.test>").code == 503
         assert client.cmd("QUIT").code == 221
+    with RawSMTP() as client:  # a relay probe
+        client.connect(proxy.host, proxy.port)
+        client.ehlo("scanner.test")
+        assert client.cmd("MAIL FROM:<probe@example.org>").code == 250
+        assert client.cmd("RCPT TO:<victim@elsewhere.example>").code == 550
+        assert client.cmd("RCPT TO:<other@elsewhere.example>").code == 550
+        assert client.cmd("DATA").code == 554
+        assert client.cmd("QUIT").code == 221
     assert server.connections == 0, server.describe()
-    # Positive control: the first MAIL that passes opens exactly one connection. Had any
-    # earlier session connected, that connection would have been accepted (and recorded)
-    # before this one.
+    # Positive control: the first RCPT that passes opens exactly one connection, with MAIL
+    # then RCPT. Had any earlier session connected, that connection would have been accepted
+    # (and recorded) before this one.
     with RawSMTP() as client:
         client.connect(proxy.host, proxy.port)
         client.ehlo("sender.test")
         assert client.cmd("MAIL FROM:<control@example.org>").code == 250
-        server.wait_for_command("MAIL FROM:<control@example.org>")
+        assert server.connections == 0, server.describe()
+        assert client.cmd("RCPT TO:<alice@relay.test>").code == 250
         assert server.connections == 1, server.describe()
-        assert server.commands[0][-1] == "MAIL FROM:<control@example.org>"
+        assert server.commands[0][-2:] == ["MAIL FROM:<control@example.org>",
+                                           "RCPT TO:<alice@relay.test>"]
         client.cmd("QUIT")
 
 
@@ -336,6 +347,7 @@ def test_xclient_attributes_sent_downstream(
         client_port = client.sock.getsockname()[1]
         assert client.cmd("HELO old-style.example").code == 250
         assert client.cmd("MAIL FROM:<a@example.org>").code == 250
+        assert client.cmd("RCPT TO:<alice@relay.test>").code == 250
         client.cmd("QUIT")
     server.wait_for_command("MAIL")
     (xclient,) = [c for c in server.all_commands if c.upper().startswith("XCLIENT ")]
@@ -349,7 +361,7 @@ def test_xclient_attributes_sent_downstream(
     }, xclient
     # XCLIENT restarts the downstream session, so the proxy greets again before MAIL.
     commands = server.commands[0]
-    assert commands.index(xclient) < len(commands) - 2
+    assert commands.index(xclient) < len(commands) - 3
     assert commands[commands.index(xclient) + 1].startswith("EHLO ")
 
 
@@ -401,19 +413,28 @@ def test_one_downstream_session_for_several_transactions_scripted(
 
 
 def test_mail_reply_from_postfix_relayed_verbatim(
-    pfx: ProxyProcess, mailboxes: PostfixInstance
+    proxy_factory: ProxyFactory, mailboxes: PostfixInstance
 ) -> None:
-    refused = "MAIL FROM:<sender@[1.2.3]>"  # the proxy lets it through; Postfix does not
-    direct_ok = _postfix_reply(mailboxes, ["MAIL FROM:<sender@example.org>"])
+    """MAIL is answered by the proxy; the downstream's refusal of it is the answer to every
+    RCPT of that transaction, word for word."""
+    # a SIZE the proxy allows and Postfix (message_size_limit) does not
+    proxy = proxy_factory(base_config(mailboxes.port,
+                                      server={"max_message_size": 4 * MESSAGE_SIZE_LIMIT}))
+    refused = f"MAIL FROM:<sender@example.org> SIZE={2 * MESSAGE_SIZE_LIMIT}"
     direct_refused = _postfix_reply(mailboxes, [refused])
     assert direct_refused.code >= 500, direct_refused  # premise: Postfix refuses it itself
     with RawSMTP() as client:
-        client.connect(pfx.host, pfx.port)
+        client.connect(proxy.host, proxy.port)
         client.ehlo("core-client.test")
-        via_proxy = client.cmd(refused)
-        assert via_proxy.raw == direct_refused.raw
-        ok = client.cmd("MAIL FROM:<sender@example.org>")
-        assert ok.raw == direct_ok.raw
+        assert client.cmd(refused).code == 250
+        first = client.cmd("RCPT TO:<alice@relay.test>")
+        second = client.cmd("RCPT TO:<bob@relay.test>")
+        assert first.raw == direct_refused.raw, first
+        assert second.raw == direct_refused.raw, second
+        assert client.cmd("DATA").code == 554  # no recipient was accepted
+        assert client.cmd("RSET").code == 250
+        assert client.cmd("MAIL FROM:<sender@example.org>").code == 250
+        assert client.cmd("RCPT TO:<alice@relay.test>").code == 250
         client.cmd("QUIT")
 
 
@@ -428,19 +449,24 @@ def test_mail_multiline_downstream_replies_relayed_verbatim(
     with RawSMTP() as client:
         client.connect(proxy.host, proxy.port)
         client.ehlo("core-client.test")
-        first = client.cmd("MAIL FROM:<a@example.org>")
+        assert client.cmd("MAIL FROM:<a@example.org>").code == 250
+        first = client.cmd("RCPT TO:<alice@relay.test>")
         assert first.raw == b"".join(
             f"{line[:3]}{'-' if i < len(temp) - 1 else ' '}{line[4:]}\r\n".encode()
             for i, line in enumerate(temp)
         )
-        second = client.cmd("MAIL FROM:<a@example.org>")
+        assert client.cmd("RSET").code == 250
+        assert client.cmd("MAIL FROM:<a@example.org>").code == 250
+        second = client.cmd("RCPT TO:<alice@relay.test>")
         assert (second.code, second.lines) == (550, [line[4:] for line in perm])
         assert second.raw == b"".join(
             f"{line[:3]}{'-' if i < len(perm) - 1 else ' '}{line[4:]}\r\n".encode()
             for i, line in enumerate(perm)
         )
         # The session and its downstream go on after refusals.
+        assert client.cmd("RSET").code == 250
         assert client.cmd("MAIL FROM:<a@example.org>").code == 250
+        assert client.cmd("RCPT TO:<alice@relay.test>").code == 250
         client.cmd("QUIT")
     assert server.connections == 1, server.describe()
 
@@ -477,14 +503,24 @@ def test_mail_parameters_forwarded(
     with RawSMTP() as client:
         client.connect(proxy.host, proxy.port)
         client.ehlo("core-client.test")
-        assert client.cmd("MAIL FROM:<a@b> SIZE=123 BODY=8BITMIME").code == 250
+        assert client.cmd("MAIL FROM:<a@b.example> SIZE=123 BODY=8BITMIME").code == 250
+        assert client.cmd("RCPT TO:<alice@relay.test>").code == 250
         assert client.cmd("RSET").code == 250
-        # RET/ENVID need DSN downstream: dropped, while SMTPUTF8 (supported) goes on.
-        assert client.cmd("MAIL FROM:<c@d> RET=HDRS ENVID=abc SMTPUTF8").code == 250
+        # RET/ENVID need DSN downstream: refused openly (RFC 3461), never dropped silently
+        assert client.cmd("MAIL FROM:<c@d.example> RET=HDRS ENVID=abc SMTPUTF8").code == 250
+        refused = client.cmd("RCPT TO:<alice@relay.test>")
+        assert _code(refused) == (555, "5.5.4"), refused
+        assert "DSN" in refused.text, refused
+        assert client.cmd("RSET").code == 250
+        assert client.cmd("MAIL FROM:<c@d.example> SMTPUTF8").code == 250
+        assert client.cmd("RCPT TO:<alice@relay.test>").code == 250
+        # the proxy has seen this downstream's EHLO: it no longer offers DSN itself
+        assert "DSN" not in client.ehlo("core-client.test").lines
         client.cmd("QUIT")
     server.wait_for_command("MAIL", count=2)
     mails = [c for c in server.all_commands if c.startswith("MAIL ")]
-    assert mails == ["MAIL FROM:<a@b> SIZE=123 BODY=8BITMIME", "MAIL FROM:<c@d> SMTPUTF8"]
+    assert mails == ["MAIL FROM:<a@b.example> SIZE=123 BODY=8BITMIME",
+                     "MAIL FROM:<c@d.example> SMTPUTF8"]
 
 
 # ---------------------------------------------------------------------- 4. RCPT TO
@@ -739,7 +775,7 @@ def _one_session(
         if ehlo.code != 250:
             return _Outcome(subject, ehlo.code, ehlo.enhanced, stage, False)
         if barrier is not None:
-            # All sessions send MAIL at (nearly) the same moment, so the downstream budget
+            # All sessions send MAIL and RCPT at (nearly) the same moment, so the budget
             # really is contended.
             barrier.wait(timeout=30)
         for stage, line in (("mail", "MAIL FROM:<load@example.org>"),
@@ -806,7 +842,7 @@ def test_concurrent_sessions_with_spent_downstream_budget_lose_nothing(
     not_4xx = [o for o in outcomes if not o.delivered_ok and not (
         o.code is not None and 400 <= o.code < 500)]
     assert not not_4xx, f"non-250 outcomes that are not 4xx: {not_4xx[:10]}"
-    busy = [o for o in outcomes if (o.stage, o.code, o.enhanced) == ("mail", 451, "4.3.2")]
+    busy = [o for o in outcomes if (o.stage, o.code, o.enhanced) == ("rcpt", 451, "4.3.2")]
     ok = [o for o in outcomes if o.delivered_ok]
     # With 300 MAILs at once and a budget of 40, both must have happened.
     assert busy, "no session got 451 4.3.2 although the downstream budget was 40"

@@ -6,9 +6,10 @@ per module), in front of the real Postfix, a dead downstream, or a scripted one.
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,13 +20,24 @@ from support.scripted import ScriptedDownstream
 from support.smtpclient import RawSMTP, data_payload, send_message
 from support.wait import wait_until
 
+ProxyFactory = Callable[..., ProxyProcess]
+ScriptedFactory = Callable[..., ScriptedDownstream]
+
 OUTCOMES = ("accepted", "rejected", "tempfailed")
 SOURCES = ("local", "rule", "downstream")
 MESSAGE_OUTCOMES = ("accepted", "rejected", "tempfailed", "aborted")
 
 
 def _start(config: dict[str, object], tmp_path_factory: pytest.TempPathFactory) -> ProxyProcess:
-    return ProxyProcess(config, workdir=tmp_path_factory.mktemp("obs-proxy")).start()
+    process = ProxyProcess(config, workdir=tmp_path_factory.mktemp("obs-proxy"))
+    try:
+        return process.start()
+    except BaseException:
+        # A proxy that never answered may still run, and a fixture that failed before its
+        # yield has no teardown to stop it.
+        if process.process is not None:
+            process.stop()
+        raise
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +156,63 @@ def test_metrics_endpoint_exports_the_issue_metrics(proxy: ProxyProcess) -> None
     assert set(MESSAGE_OUTCOMES) <= message_outcomes
     pairs = {(ls.get("outcome"), ls.get("source")) for ls in families["relayproxy_recipients"][1]}
     assert {(o, s) for o in OUTCOMES for s in SOURCES} <= pairs
+
+
+# Every value of every label, as dashboards and alerts rely on them (README, Metrics).
+LABELLED_SERIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "relayproxy_connections_refused": {"reason": ("max_connections", "max_connections_per_ip")},
+    "relayproxy_messages": {"outcome": MESSAGE_OUTCOMES},
+    "relayproxy_recipients": {"outcome": OUTCOMES, "source": SOURCES},
+    "relayproxy_rejections": {
+        "stage": ("connect", "helo", "mail", "rcpt", "data", "dot"),
+        "code_class": ("4xx", "5xx"),
+        "source": SOURCES,
+    },
+    "relayproxy_protocol_errors": {
+        "kind": ("line_too_long", "bad_characters", "unknown_command", "bare_newline_command"),
+    },
+    "relayproxy_downstream_errors": {
+        "kind": ("connect", "timeout", "disconnect", "busy", "tls", "xclient", "helo_refused"),
+    },
+    "relayproxy_config_reloads": {"result": ("ok", "failed")},
+    "relayproxy_downstream_latency_seconds": {
+        "command": ("connect", "ehlo", "starttls", "xclient", "mail", "rcpt", "data", "dot",
+                    "rset"),
+    },
+}
+
+
+def _label_sets(labels: dict[str, tuple[str, ...]]) -> set[tuple[tuple[str, str], ...]]:
+    names = sorted(labels)
+    return {tuple(zip(names, values, strict=True))
+            for values in itertools.product(*(labels[n] for n in names))}
+
+
+def test_fresh_proxy_exports_every_labelled_series_at_zero(
+    proxy_factory: ProxyFactory, scripted: ScriptedFactory
+) -> None:
+    """Before any event, rate() and absent-series alerts need each series to exist at 0."""
+    fresh = proxy_factory(base_config(scripted().port))
+    text = fresh.metrics_text()
+    assert re.search(r'^relayproxy_downstream_errors_total\{kind="timeout"\} 0\.0$', text,
+                     re.MULTILINE), "no zero timeout series on a fresh start:\n" + text
+    created = [line for line in text.splitlines() if "_created" in line]
+    assert not created, "_created series are exported:\n" + "\n".join(created)
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name, labels in LABELLED_SERIES.items():
+        assert name in families, f"{name} not exported; have {sorted(families)}"
+        family = families[name]
+        # A histogram has one _count sample per label set, next to its buckets and sum.
+        samples = [s for s in family.samples
+                   if s.name == (f"{name}_count" if family.type == "histogram"
+                                 else f"{name}_total")]
+        exported = {tuple(sorted(s.labels.items())) for s in samples}
+        missing = _label_sets(labels) - exported
+        assert not missing, f"{name}: no series for {sorted(missing)}"
+        # Only the readiness probe (greeting and QUIT) has happened: nothing was counted.
+        counted = {tuple(sorted(s.labels.items())): s.value for s in samples if s.value}
+        assert not counted, f"{name} counted something on a fresh proxy: {counted}"
 
 
 def test_connections_total_and_sessions_active(proxy: ProxyProcess) -> None:
@@ -288,8 +357,12 @@ def test_downstream_dead_counts_downstream_error(dead_proxy: ProxyProcess) -> No
     with RawSMTP(timeout=10) as client:
         client.connect(dead_proxy.host, dead_proxy.port)
         client.ehlo()
-        reply = client.cmd(f"MAIL FROM:<{_sender()}>")
+        assert client.cmd(f"MAIL FROM:<{_sender()}>").code == 250  # answered by the proxy
+        reply = client.cmd("RCPT TO:<alice@relay.test>")
         assert (reply.code, reply.enhanced) == (451, "4.4.1"), reply
+        # the transaction keeps that answer; the dead server is not asked again
+        again = client.cmd("RCPT TO:<bob@relay.test>")
+        assert (again.code, again.enhanced) == (451, "4.4.1"), again
         client.cmd("QUIT")
     assert dead_proxy.metric("relayproxy_downstream_errors_total") == before + 1
 

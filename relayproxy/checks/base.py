@@ -3,15 +3,41 @@
 A check is a small class overriding only the stages it cares about; each returns a Verdict to
 refuse, or None to let the stage go on. The session calls the pipeline at connect, HELO, MAIL,
 RCPT and end of data; relayproxy.replies.for_verdict turns the first refusing verdict into the
-reply. End-of-data checks run while the downstream still waits for the final dot, so they can
-refuse a message that was already streamed without it ever being delivered.
+reply.
+
+In DATA a check can also watch the message (relayproxy.message runs this):
+  - on_headers: the held header section, parsed once; the check may remove and prepend fields;
+  - body_observer: a per-message object fed the body as message bytes (dot-stuffing removed),
+    chunk by chunk, then asked for its verdict at the end of data; it may be async (a scanner
+    connection), and while it awaits, the client is not read: backpressure, not buffering;
+  - on_data_end: the end-of-data verdict, while the downstream still waits for the final dot.
+A check declares in `needs` what it reads, so a message nobody watches costs nothing extra.
+
+Checks are shared by every session: what they learn about one session or transaction goes in
+SessionInfo.facts or Envelope.facts (keyed by the check's name), which the pipeline owns.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+from ..headers import HeaderSection
 from ..policy.verdict import Verdict
+
+log = logging.getLogger("relayproxy.checks")
+
+
+class Need(enum.Enum):
+    HEADERS = "headers"  # on_headers: the parsed header section
+    BODY = "body"  # body_observer: the body, streamed
+    # adds header fields at end of data: the message is held (server.hold_bytes) so they can
+    # still go on top of it
+    END_HEADERS = "end_headers"
 
 
 @dataclass(slots=True)
@@ -22,7 +48,9 @@ class SessionInfo:
     helo: str = ""
     esmtp: bool = False
     tls: bool = False
-    client_name: str = ""  # forward-confirmed reverse DNS name, "" if none
+    # forward-confirmed reverse DNS name: None while not looked up yet, "" if there is none
+    client_name: str | None = None
+    facts: dict[str, Any] = field(default_factory=dict)  # per session, by check name
 
 
 @dataclass(slots=True)
@@ -30,20 +58,44 @@ class Envelope:
     sender: str = ""
     mail_params: dict[str, str | None] = field(default_factory=dict)
     recipients: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # per transaction, by check name
 
 
 @dataclass(slots=True)
 class MessageInfo:
-    size: int
-    bare_newline: bool
-    line_too_long: bool
-    normalized: bool
+    """What the DATA phase found, for the end-of-data checks."""
+
+    size: int  # octets as the client sent them (dot-stuffed)
+    bare_newline: bool = False
+    line_too_long: bool = False
+    normalized: bool = False  # bare newlines were turned into CRLF (server.bare_newline)
+    header_too_big: bool = False  # over server.max_header_size
+    eight_bit: bool = False  # 8-bit content for a downstream without 8BITMIME
+    headers: HeaderSection | None = None
+    # the header section has left for the downstream (too big for the held window): fields
+    # can no longer be added, and the end-of-data verdict still decides at the withheld dot
+    headers_sent: bool = False
+
+
+class BodyObserver:
+    """One message's view of the body stream. Override what you need."""
+
+    async def feed(self, chunk: bytes) -> None:
+        """The next part of the body, as message bytes."""
+
+    async def end(self, message: MessageInfo) -> Verdict | None:
+        """The end of data: the verdict (fields may be prepended while not headers_sent)."""
+        return None
+
+    def abort(self) -> None:
+        """The message was refused or cut off before its end: release what it holds."""
 
 
 class Check:
     """Base class: every stage lets the conversation go on."""
 
     name = "check"
+    needs: ClassVar[frozenset[Need]] = frozenset()
 
     async def on_connect(self, session: SessionInfo) -> Verdict | None:
         return None
@@ -59,13 +111,45 @@ class Check:
     ) -> Verdict | None:
         return None
 
+    async def on_headers(
+        self, session: SessionInfo, envelope: Envelope, headers: HeaderSection
+    ) -> Verdict | None:
+        return None
+
+    def body_observer(self, session: SessionInfo, envelope: Envelope) -> BodyObserver | None:
+        return None
+
     async def on_data_end(
         self, session: SessionInfo, envelope: Envelope, message: MessageInfo
     ) -> Verdict | None:
         return None
 
 
-_STAGES = ("on_connect", "on_helo", "on_mail", "on_rcpt", "on_data_end")
+class _Failed(BodyObserver):
+    def __init__(self, verdict: Verdict) -> None:
+        self.verdict = verdict
+
+    async def end(self, message: MessageInfo) -> Verdict | None:
+        return self.verdict
+
+
+_STAGES = ("on_connect", "on_helo", "on_mail", "on_rcpt", "on_headers", "on_data_end")
+
+
+def check_failed(check: str, stage: str, exc: BaseException) -> Verdict:
+    """A check that raises never ends the session as an internal error: it tempfails."""
+    log.error("check %s failed at %s: %r", check, stage, exc, exc_info=exc)
+    return Verdict.tempfail("Temporary failure in message checks, try again later", 451,
+                            "4.3.0", check=check)
+
+
+async def guarded(check: str, stage: str, call: Awaitable[Verdict | None]) -> Verdict | None:
+    try:
+        return await call
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        return check_failed(check, stage, exc)
 
 
 class Pipeline:
@@ -79,22 +163,29 @@ class Pipeline:
             stage: tuple(c for c in checks if getattr(type(c), stage) is not getattr(Check, stage))
             for stage in _STAGES
         }
+        self.observing = tuple(
+            c for c in checks if Need.BODY in c.needs
+            and type(c).body_observer is not Check.body_observer
+        )
+        self.wants_headers = bool(self._by_stage["on_headers"]) or any(
+            Need.HEADERS in c.needs for c in checks)
+        self.adds_end_headers = any(Need.END_HEADERS in c.needs for c in checks)
 
     async def connect(self, session: SessionInfo) -> Verdict | None:
         for check in self._by_stage["on_connect"]:
-            if verdict := await check.on_connect(session):
+            if verdict := await guarded(check.name, "connect", check.on_connect(session)):
                 return verdict
         return None
 
     async def helo(self, session: SessionInfo) -> Verdict | None:
         for check in self._by_stage["on_helo"]:
-            if verdict := await check.on_helo(session):
+            if verdict := await guarded(check.name, "helo", check.on_helo(session)):
                 return verdict
         return None
 
     async def mail(self, session: SessionInfo, envelope: Envelope) -> Verdict | None:
         for check in self._by_stage["on_mail"]:
-            if verdict := await check.on_mail(session, envelope):
+            if verdict := await guarded(check.name, "mail", check.on_mail(session, envelope)):
                 return verdict
         return None
 
@@ -102,14 +193,36 @@ class Pipeline:
         self, session: SessionInfo, envelope: Envelope, recipient: str
     ) -> Verdict | None:
         for check in self._by_stage["on_rcpt"]:
-            if verdict := await check.on_rcpt(session, envelope, recipient):
+            call = check.on_rcpt(session, envelope, recipient)
+            if verdict := await guarded(check.name, "rcpt", call):
                 return verdict
         return None
+
+    async def headers(
+        self, session: SessionInfo, envelope: Envelope, headers: HeaderSection
+    ) -> Verdict | None:
+        for check in self._by_stage["on_headers"]:
+            call = check.on_headers(session, envelope, headers)
+            if verdict := await guarded(check.name, "headers", call):
+                return verdict
+        return None
+
+    def observers(self, session: SessionInfo, envelope: Envelope) -> list[tuple[str, BodyObserver]]:
+        found = []
+        for check in self.observing:
+            try:
+                observer = check.body_observer(session, envelope)
+            except Exception as exc:
+                observer = _Failed(check_failed(check.name, "body", exc))
+            if observer is not None:
+                found.append((check.name, observer))
+        return found
 
     async def data_end(
         self, session: SessionInfo, envelope: Envelope, message: MessageInfo
     ) -> Verdict | None:
         for check in self._by_stage["on_data_end"]:
-            if verdict := await check.on_data_end(session, envelope, message):
+            call = check.on_data_end(session, envelope, message)
+            if verdict := await guarded(check.name, "data", call):
                 return verdict
         return None

@@ -64,6 +64,18 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+_HAS_IPV6_LOOPBACK = _ipv6_loopback()
+
 class PostfixError(RuntimeError):
     """Postfix could not be set up, started, stopped, or did not reach an expected state."""
 
@@ -147,15 +159,16 @@ class PostfixInstance:
             "alias_maps": "",
             "alias_database": "",
             "inet_interfaces": "loopback-only",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
+            # IPv6 too where the machine has ::1, so XCLIENT ADDR=IPV6:... is understood
+            "inet_protocols": "all" if _HAS_IPV6_LOOPBACK else "ipv4",
+            "mynetworks": "127.0.0.0/8" + (" [::1]/128" if _HAS_IPV6_LOOPBACK else ""),
             "smtpd_banner": "$myhostname ESMTP",
             # Behave like a final-destination MX: the default would let 127.0.0.0/8 relay
             # anywhere, hiding proxy bugs that forward mail for foreign domains.
             "smtpd_relay_restrictions": "reject_unauth_destination",
             "smtpd_recipient_restrictions": "",
             "smtpd_reject_unlisted_recipient": "yes",
-            "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+            "smtpd_authorized_xclient_hosts": "$mynetworks",
             "smtputf8_enable": "yes",
             "message_size_limit": str(MESSAGE_SIZE_LIMIT),
             "mailbox_size_limit": "0",

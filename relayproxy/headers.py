@@ -1,0 +1,156 @@
+"""The message's header section, held before any of it goes downstream, parsed once.
+
+Checks read it (field values, unfolded), remove fields (a forged Authentication-Results naming
+our host) and prepend fields (Received, results). Fields keep their exact bytes, so what is not
+touched leaves as it came: DKIM signatures over it stay valid.
+
+Fields are kept as message bytes (dot-stuffing removed, RFC 5321 4.5.2); `wire()` stuffs them
+again for the downstream. The body after the section is never unstuffed for forwarding: it
+leaves in wire form as it came. Once the section has gone downstream it is sealed: a check that learns
+something later must not claim to have written it (prepend raises HeadersSent).
+"""
+
+from __future__ import annotations
+
+import email.header
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .dotreader import Unstuffer, stuff
+
+# RFC 5322 2.2: a field name is printable ASCII except ":", then ":".
+_FIELD_START = re.compile(rb"[!-9;-~]+:")
+_CONTINUATION = (b" ", b"\t")
+
+
+class HeadersSent(Exception):
+    """The header section already left for the downstream; it can no longer change."""
+
+
+@dataclass(slots=True)
+class HeaderField:
+    name: str  # as written
+    raw: bytes  # the whole field, continuation lines and final CRLF included
+
+    @property
+    def lname(self) -> str:
+        return self.name.lower()
+
+    @property
+    def value(self) -> str:
+        """The unfolded value (RFC 5322 2.2.3), undecoded; 8-bit bytes as UTF-8 where valid."""
+        text = self.raw.decode("utf-8", "surrogateescape")
+        value = text.split(":", 1)[1] if ":" in text else ""
+        return re.sub(r"\r?\n(?=[ \t])", "", value).strip()
+
+    @property
+    def decoded(self) -> str:
+        """The value with RFC 2047 encoded-words decoded (what a mail client shows)."""
+        value = self.value
+        if "=?" not in value:
+            return value
+        try:
+            return str(email.header.make_header(email.header.decode_header(value)))
+        except (ValueError, LookupError, UnicodeError):
+            return value
+
+
+def find_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int] | None:
+    """Where the header section in data (wire form, CRLF lines) ends.
+
+    Returns (end, body_start): the section is data[:end]; the body begins at body_start (after
+    the empty line, or at the first line that is no field, as Postfix's cleanup reads it). None
+    when no line from start on has ended the section yet. start must be a line start. A line's
+    transparency dot is looked through, so the wire form splits where the message does.
+    """
+    pos = start
+    n = len(data)
+    while pos < n:
+        eol = data.find(b"\n", pos)
+        if eol < 0:
+            return None
+        line = data[pos + 1 : eol + 1] if data[pos : pos + 1] == b"." else data[pos : eol + 1]
+        if line == b"\r\n":
+            return pos, eol + 1
+        if not (_FIELD_START.match(line) or (pos > 0 and line[:1] in _CONTINUATION)):
+            return pos, pos
+        pos = eol + 1
+    return None
+
+
+def complete_lines(data: bytes | bytearray, start: int) -> int:
+    """The start of the last unfinished line (where find_end may resume)."""
+    last = data.rfind(b"\n", start)
+    return start if last < 0 else last + 1
+
+
+class HeaderSection:
+    """The parsed header section; fields in order, with the ones checks prepend first."""
+
+    __slots__ = ("_prepended", "fields", "sealed", "separator")
+
+    def __init__(self, fields: list[HeaderField], separator: bytes) -> None:
+        self.fields = fields
+        self._prepended: list[bytes] = []
+        self.separator = separator  # the empty line that ended the section, or b""
+        self.sealed = False
+
+    @classmethod
+    def parse(cls, wire: bytes, separator: bytes = b"") -> HeaderSection:
+        """wire: the section as it came (dot-stuffed), CRLF-ended field lines."""
+        fields: list[HeaderField] = []
+        for line in Unstuffer()(wire).splitlines(keepends=True):
+            if line[:1] in _CONTINUATION and fields:
+                fields[-1].raw += line
+            else:
+                name = line.split(b":", 1)[0].decode("ascii", "replace")
+                fields.append(HeaderField(name, line))
+        return cls(fields, separator)
+
+    def __iter__(self) -> Iterator[HeaderField]:
+        return iter(self.fields)
+
+    def get_all(self, name: str) -> list[HeaderField]:
+        lname = name.lower()
+        return [f for f in self.fields if f.lname == lname]
+
+    def get(self, name: str) -> str | None:
+        found = self.get_all(name)
+        return found[0].value if found else None
+
+    def remove(self, name: str, where: Callable[[HeaderField], bool] | None = None) -> int:
+        """Remove the fields called name (for which where holds); returns how many."""
+        self._check_open()
+        lname = name.lower()
+        kept = [f for f in self.fields if f.lname != lname or (where is not None and not where(f))]
+        removed = len(self.fields) - len(kept)
+        self.fields = kept
+        return removed
+
+    def prepend(self, name: str, value: str) -> None:
+        """Add "name: value" on top (trace and result fields go on top, RFC 5321 4.4)."""
+        self.prepend_raw(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+
+    def prepend_raw(self, field: bytes) -> None:
+        """Add a whole field (folded lines ending in CRLF) on top."""
+        self._check_open()
+        if not field.endswith(b"\r\n") or not _FIELD_START.match(field):
+            raise ValueError(f"not a header field: {field[:40]!r}")
+        # later prepends go above earlier ones, as each hop's trace fields do
+        self._prepended.insert(0, field)
+
+    @property
+    def prepended(self) -> tuple[bytes, ...]:
+        return tuple(self._prepended)
+
+    def _check_open(self) -> None:
+        if self.sealed:
+            raise HeadersSent("the header section has already been sent downstream")
+
+    def message_bytes(self) -> bytes:
+        return b"".join(self._prepended) + b"".join(f.raw for f in self.fields) + self.separator
+
+    def wire(self) -> bytes:
+        """The section in wire form: a line that begins with "." is stuffed (RFC 5321 4.5.2)."""
+        return stuff(self.message_bytes())
