@@ -14,10 +14,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import string
-import unicodedata
 from dataclasses import dataclass
 
-__all__ = ["Path", "PathError", "parse_path"]
+import idna
+
+__all__ = ["Path", "PathError", "ascii_domain", "parse_path"]
 
 _LOCAL_MAX = 64  # RFC 5321 4.5.3.1.1
 _DOMAIN_MAX = 255  # RFC 5321 4.5.3.1.2
@@ -35,8 +36,6 @@ _LDH_STR = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]")
 
 # General categories that RFC 5892 2.1 (LetterDigits) lets a U-label code point have; the
 # upper- and title-case letters it also lists are then removed again as Unstable (2.6).
-_U_LABEL_CATEGORIES = frozenset({"Ll", "Lo", "Lm", "Mn", "Mc", "Nd"})
-_MIDDLE_DOT = "\u00b7"  # CONTEXTO, allowed only between two "l" (RFC 5892 A.3)
 
 
 class PathError(ValueError):
@@ -72,7 +71,7 @@ class Path:
 
         An address literal comes back as written, lower-cased; "" when there is no domain.
         """
-        return _domain_to_ascii(self.domain) if self.domain else ""
+        return ascii_domain(self.domain) if self.domain else ""
 
 
 def parse_path(arg: str, keyword: str, *, smtputf8: bool = False) -> tuple[Path, str]:
@@ -306,7 +305,7 @@ def _domain(scanner: _Scanner, *, literal_ok: bool) -> str:
     domain = scanner.text[start : scanner.pos]
     if _octets(domain) > _DOMAIN_MAX:
         raise PathError(f"domain longer than {_DOMAIN_MAX} octets")
-    _domain_to_ascii(domain)  # a U-label that has no valid A-label is a syntax error
+    ascii_domain(domain)  # a U-label that has no valid A-label is a syntax error
     return domain
 
 
@@ -375,7 +374,8 @@ def _is_ipv6(text: str) -> bool:
     return True
 
 
-def _domain_to_ascii(domain: str) -> str:
+def ascii_domain(domain: str) -> str:
+    """A domain as it is compared and looked up: lower-case A-labels, no trailing dot."""
     if domain.startswith("["):
         return domain.lower()
     labels = domain.removesuffix(".").split(".")
@@ -391,37 +391,14 @@ def _domain_to_ascii(domain: str) -> str:
 def _a_label(label: str) -> str:
     """The A-label of a U-label (RFC 5890 2.3.2.1), or PathError if it is not a valid one.
 
-    The `idna` package (IDNA 2008) is not a dependency, so this uses Python's "idna" codec,
-    which implements IDNA 2003, and adds the IDNA 2008 rules (RFC 5891, RFC 5892) that the
-    codec lacks. It never maps: a label that IDNA 2003 would rewrite (upper case, full-width forms,
-    "ß", compatibility characters) is rejected, because the relay decision must be taken on
-    the domain the client actually named, not on a neighbour of it.
+    IDNA 2008 by the `idna` package, without UTS 46 mapping: a label that mapping would rewrite
+    (upper case, full-width forms) is refused, because the relay decision must be taken on the
+    domain the client actually named, not on a neighbour of it.
     """
     # ASCII case does not matter in the DNS (RFC 4343), so "Bücher" is taken; a non-ASCII
-    # capital is DISALLOWED in IDNA 2008 (RFC 5892 2.6) and is left for the checks to refuse.
-    u_label = label.translate(_ASCII_LOWER)
-    if u_label[2:4] == "--":
-        raise PathError("invalid IDNA label: '--' in the third and fourth positions")
-    if unicodedata.category(u_label[0]).startswith("M"):
-        raise PathError("invalid IDNA label: starts with a combining mark")  # RFC 5891 4.2.3.2
-    for index, char in enumerate(u_label):
-        if char.isascii():
-            continue
-        if char == _MIDDLE_DOT:
-            if u_label[index - 1 : index] != "l" or u_label[index + 1 : index + 2] != "l":
-                raise PathError("invalid IDNA label: middle dot not between two 'l'")
-        elif unicodedata.category(char) not in _U_LABEL_CATEGORIES:
-            raise PathError(f"invalid IDNA label: U+{ord(char):04X} is not allowed")
-    # RFC 5892 A.8, A.9: the two sets of Arabic-Indic digits must not be mixed.
-    if any("\u0660" <= c <= "\u0669" for c in u_label) and any(
-        "\u06f0" <= c <= "\u06f9" for c in u_label
-    ):
-        raise PathError("invalid IDNA label: mixed Arabic-Indic digits")
+    # capital is DISALLOWED in IDNA 2008 (RFC 5892 2.6) and idna refuses it.
     try:
-        a_label = u_label.encode("idna")
-        round_trip = a_label.decode("idna")
-    except UnicodeError as exc:  # prohibited code point, bidi rule, A-label over 63 octets
-        raise PathError("invalid IDNA label") from exc
-    if round_trip != u_label:
-        raise PathError("invalid IDNA label: not in normalized form")
-    return a_label.decode("ascii")
+        return idna.alabel(label.translate(_ASCII_LOWER)).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
+        # the reason, never the client's own characters, goes into the reply text
+        raise PathError("invalid IDNA label (IDNA 2008, RFC 5891)") from exc

@@ -6,8 +6,8 @@ touched leaves as it came: DKIM signatures over it stay valid.
 
 Fields are kept as message bytes (dot-stuffing removed, RFC 5321 4.5.2); `wire()` stuffs them
 again for the downstream. The body after the section is never unstuffed for forwarding: it
-leaves in wire form as it came. Once the section has gone downstream it is sealed: a check that learns
-something later must not claim to have written it (prepend raises HeadersSent).
+leaves in wire form as it came. Once the section has gone downstream it is sealed: a check
+that learns something later must not claim to have written it (prepend raises HeadersSent).
 """
 
 from __future__ import annotations

@@ -81,8 +81,9 @@ class MessageStream:
 
     @property
     def _failed(self) -> bool:
-        return (self.verdict is not None or self.reader.failed or self.info.header_too_big
-                or self.reader.size > self.server.max_message_size)
+        info = self.info
+        return (self.verdict is not None or self.reader.failed or info.header_too_big
+                or info.eight_bit or self.reader.size > self.server.max_message_size)
 
     async def receive(self, client: ClientConnection) -> Received:
         """Read the message to its terminator, forwarding and observing it.
@@ -125,8 +126,9 @@ class MessageStream:
     # the stream, in order
 
     async def _take(self, forward: bytes) -> None:
-        if self.leg.seven_bit and not self.info.eight_bit and _EIGHT_BIT.search(forward):
-            self.info.eight_bit = True
+        if self.leg.seven_bit and _EIGHT_BIT.search(forward):
+            self.info.eight_bit = True  # refused at the end; not one 8-bit byte goes down
+            return
         if self._head is None:
             await self._body(forward)
             return
@@ -165,12 +167,19 @@ class MessageStream:
     async def _body(self, forward: bytes) -> None:
         if self._observers:
             await self._observe(self._unstuff(forward))
+            if self.verdict is not None:
+                return
         self._forward(forward)
         await self._drain()
 
     async def _observe(self, body: bytes) -> None:
-        for _, observer in self._observers:
-            await observer.feed(body)
+        for name, observer in self._observers:
+            try:
+                await observer.feed(body)
+            except Exception as exc:
+                # its failure policy decides (a tempfail here); the data is still read to its end
+                self.verdict = check_failed(name, "body", exc)
+                return
 
     def _forward(self, data: bytes) -> None:
         window = self._window

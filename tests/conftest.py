@@ -13,6 +13,7 @@ from support.dns import DNSMASQ, DnsServer
 from support.postfix import POSTFIX, PostfixInstance
 from support.proxy import ProxyProcess
 from support.scripted import ScriptedDownstream
+from support.sink import CountingSink
 
 _INSTALL_HINT = (
     "run the test command from README.md: it installs Postfix, dnsmasq and swaks and runs "
@@ -127,3 +128,10 @@ def dns_server(
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def counting_sink() -> Iterator[CountingSink]:
+    sink = CountingSink().start()
+    yield sink
+    sink.stop()

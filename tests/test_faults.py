@@ -3,6 +3,11 @@ and "nothing lost": the client gets 250 only when the downstream said 250, downs
 are relayed as they are, timeouts and disconnects give 451 4.4.2 then 421, and a client that
 disconnects mid-DATA makes the downstream deliver nothing.
 
+The proxy answers MAIL itself and takes its downstream connection at the first RCPT that passed
+its local checks; XCLIENT, MAIL and that RCPT go down then. Whatever goes wrong there (the
+downstream refuses MAIL, is unreachable, busy, lacks required TLS, stalls or drops during MAIL)
+is the answer to that RCPT and to every later RCPT of the transaction, and the session goes on.
+
 Each test scripts its own downstream, so each gets its own proxy (the config names the scripted
 server's port); a proxy starts in about 0.3 s.
 """
@@ -28,6 +33,9 @@ ProxyFactory = Callable[..., ProxyProcess]
 
 SENDER = "sender@example.org"
 RCPT = "alice@relay.test"
+RCPT2 = "bob@relay.test"
+# MAIL is answered by the proxy itself, whatever the downstream would say.
+SENDER_OK = f"250 2.1.0 Sender <{SENDER}> OK\r\n".encode()
 # Small enough for every socket buffer on the way, so a stalled or dropped downstream can never
 # block the client's send (the proxy must still read the body to its end before answering).
 BODY = b"Subject: fault test\r\n\r\nline one\r\nline two\r\n"
@@ -59,10 +67,13 @@ def _session(proxy: ProxyProcess, helo: str = "client.test", timeout: float = 10
 
 
 def _drive(client: RawSMTP, stage: str, body: bytes = BODY) -> list[Reply]:
-    """One transaction up to and including ``stage`` (MAIL, RCPT, DATA, BODY or DOT).
+    """One transaction up to and including the answer to the downstream's ``stage`` (MAIL,
+    RCPT, DATA, BODY or DOT).
 
     Returns every reply; the last is the answer at ``stage`` (for BODY and DOT: the reply to
-    the final dot). Earlier steps must succeed, so a fault at the wrong stage fails clearly.
+    the final dot). The downstream MAIL goes out at the first RCPT, so for MAIL the last reply
+    is the one to that RCPT; the client's MAIL is always the proxy's own 250. Earlier steps
+    must succeed, so a fault at the wrong stage fails clearly.
     """
     replies: list[Reply] = []
     steps = (
@@ -70,10 +81,14 @@ def _drive(client: RawSMTP, stage: str, body: bytes = BODY) -> list[Reply]:
         ("RCPT", f"RCPT TO:<{RCPT}>", 250),
         ("DATA", "DATA", 354),
     )
+    answered_at = "RCPT" if stage == "MAIL" else stage
     for name, line, expected in steps:
         reply = client.cmd(line)
         replies.append(reply)
-        if name == stage:
+        if name == "MAIL":
+            # answered locally: a downstream fault at MAIL must not show here
+            assert reply.raw == SENDER_OK, f"MAIL (fault at {stage}): {reply}"
+        if name == answered_at:
             return replies
         assert reply.code == expected, f"{name} before the {stage} fault: {reply}"
     client.send(data_payload(body))
@@ -106,6 +121,29 @@ def _quit_and_wait_closed(client: RawSMTP) -> None:
     assert client.cmd("QUIT").code == 221
     assert client.closed_by_peer(timeout=10), "proxy did not close the session after QUIT"
     client.close()
+
+
+def _count(commands: list[str], verb: str) -> int:
+    return sum(1 for c in commands if c.upper().split(" ", 1)[0] == verb)
+
+
+def _assert_mail_fault_not_fatal(
+    client: RawSMTP, reply: Reply, server: ScriptedDownstream, what: str
+) -> None:
+    """A fault during the downstream MAIL: 451 4.4.2 naming the downstream and what happened,
+    as the answer to the first RCPT and (without asking again) to every later one; no 421,
+    the session goes on."""
+    assert reply.code == 451, reply
+    assert reply.enhanced == "4.4.2", reply
+    pattern = rf"4\.4\.2 downstream {re.escape(LOOPBACK)}:{server.port} {what} during mail"
+    assert re.fullmatch(pattern, reply.lines[0], re.IGNORECASE), reply
+    assert client.cmd(f"RCPT TO:<{RCPT2}>").raw == reply.raw
+    assert server.connections == 1, server.describe()
+    assert _count(server.all_commands, "MAIL") == 1, server.all_commands
+    assert _count(server.all_commands, "RCPT") == 0, server.all_commands
+    # Not fatal: had a 421 followed the 451, it would be read here instead of the RSET's 250.
+    assert client.cmd("RSET").code == 250
+    assert client.cmd("QUIT").code == 221
 
 
 def _assert_fault_then_421(
@@ -153,6 +191,12 @@ def test_downstream_reply_relayed_verbatim(
         replies = _drive(client, stage)
         # Code, enhanced code, text and every line exactly as the downstream sent them.
         assert replies[-1].raw == expected
+        if stage == "MAIL":
+            # The refused MAIL is the answer to every RCPT of the transaction (sticky): the
+            # downstream is not asked again, and never saw a RCPT.
+            assert client.cmd(f"RCPT TO:<{RCPT2}>").raw == expected
+            assert _count(server.all_commands, "MAIL") == 1, server.all_commands
+            assert _count(server.all_commands, "RCPT") == 0, server.all_commands
         if stage != "DOT":
             # A refused command does not end the session: it resets and says goodbye normally.
             assert client.cmd("RSET").code == 250
@@ -189,6 +233,31 @@ def test_reply_without_enhanced_code_gets_class_code(
         assert client.cmd("QUIT").code == 221
 
 
+def test_mail_refusal_answers_every_rcpt_of_the_transaction(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory
+) -> None:
+    refusal = ["550 5.7.1 sender refused, scripted", "550 5.7.1 see the policy page"]
+    expected = b"550-5.7.1 sender refused, scripted\r\n550 5.7.1 see the policy page\r\n"
+    server = scripted({"MAIL": refusal})
+    proxy = _proxy(proxy_factory, server.port)
+    with _session(proxy) as client:
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").raw == SENDER_OK
+        assert client.cmd(f"RCPT TO:<{RCPT}>").raw == expected
+        assert client.cmd(f"RCPT TO:<{RCPT2}>").raw == expected
+        # The downstream was asked once, at the first RCPT, and got no RCPT at all.
+        assert _count(server.all_commands, "MAIL") == 1, server.all_commands
+        assert _count(server.all_commands, "RCPT") == 0, server.all_commands
+        # No recipient was accepted, so there is nothing to send.
+        assert client.cmd("DATA").code == 554
+        # A new transaction asks the downstream again.
+        assert client.cmd("RSET").code == 250
+        assert _drive(client, "MAIL")[-1].raw == expected
+        assert _count(server.all_commands, "MAIL") == 2, server.all_commands
+        assert client.cmd("QUIT").code == 221
+    assert server.messages == []
+    assert not server.dot_received
+
+
 def test_downstream_421_at_rcpt_is_relayed_and_session_closed(
     scripted: ScriptedFactory, proxy_factory: ProxyFactory
 ) -> None:
@@ -202,6 +271,25 @@ def test_downstream_421_at_rcpt_is_relayed_and_session_closed(
     assert server.messages == []
 
 
+def test_relay_probe_opens_no_downstream_connection(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory
+) -> None:
+    server = scripted()
+    proxy = _proxy(proxy_factory, server.port)
+    with _session(proxy) as client:
+        assert client.cmd(f"MAIL FROM:<{SENDER}>").raw == SENDER_OK
+        denied = client.cmd("RCPT TO:<victim@elsewhere.example>")
+        assert (denied.code, denied.enhanced) == (550, "5.7.1"), denied
+        _quit_and_wait_closed(client)
+    # Refused by the proxy's own checks: the mail server never heard of it.
+    assert server.connections == 0, server.describe()
+    # A real message afterwards takes the downstream's first connection (so none was on its
+    # way for the probe), and nothing of the probe reached it.
+    _assert_delivered_reply(_send(proxy, "after-probe"))
+    assert server.connections == 1, server.describe()
+    assert not any("elsewhere.example" in c for c in server.all_commands), server.all_commands
+
+
 # ---------------------------------------------------------------------- unreachable, failover
 
 
@@ -211,20 +299,31 @@ def test_unreachable_downstream_at_mail_then_retried(
     port = free_port()  # nothing listens here (yet)
     proxy = _proxy(proxy_factory, port)
     unreachable = f"451 4.4.1 downstream {LOOPBACK}:{port} unreachable\r\n".encode()
+
+    def connect_errors() -> float:
+        return proxy.metric("relayproxy_downstream_errors_total", {"kind": "connect"})
+
     with _session(proxy) as client:
-        assert client.cmd(f"MAIL FROM:<{SENDER}>").raw == unreachable
+        # MAIL is the proxy's; the connection is tried at the first RCPT, which gets the 451.
+        assert _drive(client, "MAIL")[-1].raw == unreachable
+        # Every later RCPT of the transaction gets it too, without another connection attempt.
+        assert client.cmd(f"RCPT TO:<{RCPT2}>").raw == unreachable
+        assert connect_errors() == 1
         # Not fatal: the session goes on.
         assert client.cmd("RSET").code == 250
         assert client.cmd("NOOP").code == 250
-        assert client.cmd(f"MAIL FROM:<{SENDER}>").raw == unreachable
-        # The server comes up on that port: the next MAIL must try it again and get through,
-        # even though it was marked down moments ago (it is the only server there is).
+        # A new transaction tries the downstream again.
+        assert _drive(client, "MAIL")[-1].raw == unreachable
+        assert connect_errors() == 2
+        assert client.cmd("RSET").code == 250
+        # The server comes up on that port: the next transaction must try it again and get
+        # through, even though it was marked down moments ago (it is the only server there is).
         server = scripted(port=port)
         replies = _drive(client, "DOT")
         assert [r.code for r in replies] == [250, 250, 354, 250]
         assert client.cmd("QUIT").code == 221
     assert len(server.messages) == 1
-    assert proxy.metric("relayproxy_downstream_errors_total", {"kind": "connect"}) >= 2
+    assert connect_errors() == 2
 
 
 @pytest.mark.parametrize(
@@ -235,9 +334,14 @@ def test_greeting_refusal_gives_451_441(
 ) -> None:
     server = scripted({"connect": banner})
     proxy = _proxy(proxy_factory, server.port)
+    unreachable = f"451 4.4.1 downstream {server.address} unreachable\r\n".encode()
     with _session(proxy) as client:
-        reply = client.cmd(f"MAIL FROM:<{SENDER}>")
-        assert reply.raw == f"451 4.4.1 downstream {server.address} unreachable\r\n".encode()
+        # MAIL is the proxy's; the greeting is refused when the first RCPT takes a connection.
+        assert _drive(client, "MAIL")[-1].raw == unreachable
+        # Sticky for the transaction: no second connection for the next RCPT.
+        assert client.cmd(f"RCPT TO:<{RCPT2}>").raw == unreachable
+        # Not fatal: no 421, the session goes on.
+        assert client.cmd("RSET").code == 250
         assert client.cmd("QUIT").code == 221
     assert server.connections == 1
     # Nothing of the transaction went to a server that refused to serve.
@@ -313,7 +417,10 @@ def test_downstream_stall_times_out(
     proxy = _proxy(proxy_factory, server.port, command_timeout=0.5, data_timeout=0.5)
     with _session(proxy) as client:
         replies = _drive(client, stage)
-        _assert_fault_then_421(client, replies[-1], server.port, "timed out", stage)
+        if stage == "MAIL":
+            _assert_mail_fault_not_fatal(client, replies[-1], server, "timed out")
+        else:
+            _assert_fault_then_421(client, replies[-1], server.port, "timed out", stage)
     # Past RCPT (DATA, body, dot) nothing may have been acknowledged with 250.
     assert all(r.code != 250 for r in replies[2:]), "something was acknowledged with 250"
     if stage == "DOT":
@@ -334,7 +441,10 @@ def test_downstream_drop(
     proxy = _proxy(proxy_factory, server.port)
     with _session(proxy) as client:
         replies = _drive(client, stage)
-        _assert_fault_then_421(client, replies[-1], server.port, "disconnected", stage)
+        if stage == "MAIL":
+            _assert_mail_fault_not_fatal(client, replies[-1], server, "disconnected")
+        else:
+            _assert_fault_then_421(client, replies[-1], server.port, "disconnected", stage)
     # Past RCPT (DATA, body, dot) nothing may have been acknowledged with 250.
     assert all(r.code != 250 for r in replies[2:]), "something was acknowledged with 250"
     if stage == "BODY":
@@ -345,6 +455,29 @@ def test_downstream_drop(
         assert server.dot_received
     assert proxy.metric("relayproxy_downstream_errors_total", {"kind": "disconnect"}) >= 1
     assert proxy.metric("relayproxy_messages_total", {"outcome": "accepted"}) == 0
+
+
+def test_drop_at_mail_is_not_fatal_and_next_transaction_delivers(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory
+) -> None:
+    # The first MAIL finds the downstream dropping the connection; after that it behaves.
+    server = scripted({"MAIL": (DROP, "250 2.1.0 Ok")})
+    proxy = _proxy(proxy_factory, server.port)
+    with _session(proxy) as client:
+        reply = _drive(client, "MAIL")[-1]
+        assert reply.code == 451, reply
+        assert reply.enhanced == "4.4.2", reply
+        assert f"downstream {server.address} disconnected during mail" in reply.text, reply
+        # No 421 follows: the session goes on, and the next transaction gets through on a
+        # fresh connection.
+        assert client.cmd("RSET").code == 250
+        replies = _drive(client, "DOT")
+        assert [r.code for r in replies] == [250, 250, 354, 250], replies
+        assert client.cmd("QUIT").code == 221
+    assert server.connections == 2
+    assert [t.connection for t in server.transactions] == [1]
+    assert proxy.metric("relayproxy_downstream_errors_total", {"kind": "disconnect"}) >= 1
+    assert proxy.metric("relayproxy_messages_total", {"outcome": "accepted"}) == 1
 
 
 # ---------------------------------------------------------------------- client disconnect
@@ -408,30 +541,67 @@ def test_connection_budget_spent_gives_451_432(
     first, second = _session(proxy), _session(proxy)
     third = _session(proxy, timeout=5)
     try:
+        # A transaction holds its downstream connection from its first accepted RCPT on.
         for client in (first, second):
-            assert client.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+            assert [r.code for r in _drive(client, "RCPT")] == [250, 250]
         server.wait_for_connections(2)
         started = time.monotonic()
-        busy = third.cmd(f"MAIL FROM:<{SENDER}>")
+        # MAIL is the proxy's own 250; the budget is met at the first RCPT.
+        busy = _drive(third, "MAIL")[-1]
         elapsed = time.monotonic() - started
         assert busy.code == 451, busy
         assert busy.enhanced == "4.3.2", busy
         # At once: the budget is not a queue (generous bound; a hang would hit the 5 s timeout).
         assert elapsed < 3, f"451 4.3.2 took {elapsed:.1f}s"
+        # The rest of that transaction gets the same answer without trying again.
+        assert third.cmd(f"RCPT TO:<{RCPT2}>").raw == busy.raw
         assert server.connections == 2
-        # The held transactions are unaffected; one ends, and its connection is given back.
+        # The held transactions are unaffected; one ends (RSET: its client stays connected),
+        # and its connection is given back at once. Not fatal for the third: it tries anew.
         assert first.cmd("RSET").code == 250
-        _quit_and_wait_closed(first)
+        assert third.cmd("RSET").code == 250
         replies = _drive(third, "DOT")
         assert [r.code for r in replies] == [250, 250, 354, 250]
-        assert second.cmd(f"RCPT TO:<{RCPT}>").code == 250
+        assert second.cmd(f"RCPT TO:<{RCPT2}>").code == 250
+        assert first.cmd("NOOP").code == 250
         _quit_and_wait_closed(third)
         _quit_and_wait_closed(second)
+        _quit_and_wait_closed(first)
     finally:
         for client in (first, second, third):
             client.close()
     assert len(server.messages) == 1
     assert server.connections == (2 if reuse else 3)
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_idle_sessions_do_not_hold_the_budget(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, reuse: bool
+) -> None:
+    # A session gives its downstream connection back when its transaction ends, so clients
+    # idling between messages do not starve others (before, the third got 451 4.3.2).
+    server = scripted()
+    proxy = _proxy(proxy_factory, server.port, max_connections=1, reuse_connections=reuse)
+    clients: list[RawSMTP] = []
+    try:
+        for i in range(3):
+            client = _session(proxy)
+            clients.append(client)
+            replies = _drive(client, "DOT")
+            assert [r.code for r in replies] == [250, 250, 354, 250], f"client {i}: {replies}"
+        # The first two delivered and stayed connected, idle, all along.
+        for client in clients[:2]:
+            assert client.cmd("NOOP").code == 250
+        for client in clients:
+            _quit_and_wait_closed(client)
+    finally:
+        for client in clients:
+            client.close()
+    assert len(server.messages) == 3
+    assert server.connections == (1 if reuse else 3)
+    if not reuse:
+        # one at a time: each was closed before the next was opened
+        assert [t.connection for t in server.transactions] == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------- connection reuse

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from ..address import PathError, ascii_domain
 from ..policy.verdict import Verdict
 from .base import Check, Envelope, SessionInfo
 
 
 def domain_of(address: str) -> str:
-    # A source route ("@a,@b:user@d", RFC 5321 4.1.2) is obsolete; the mailbox is after ':'.
-    mailbox = address.rsplit(":", 1)[-1]
-    return mailbox.rpartition("@")[2].lower().rstrip(".") if "@" in mailbox else ""
+    """The domain of a parsed address (relayproxy.address), in lower-case A-label form, so
+    "bücher.example" and "xn--bcher-kva.example" are the same domain to accept_domains."""
+    if "@" not in address:
+        return ""
+    domain = address.rpartition("@")[2]
+    try:
+        return ascii_domain(domain)
+    except PathError:
+        return domain.lower()
 
 
 class AcceptDomains(Check):
