@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__, metrics
 from .config import Config, ConfigError, load, with_overrides
+from .runtime import build_runtime
 
 
 def _event_loop_policy() -> None:
@@ -18,8 +20,6 @@ def _event_loop_policy() -> None:
     The stdlib loop stays selectable because the two differ in timing (e.g. when TLS data
     reaches the protocol): tests run both, and an admin can rule uvloop out of a problem.
     """
-    import os
-
     choice = os.environ.get("RELAYPROXY_EVENT_LOOP", "").strip().lower()
     if choice not in ("", "uvloop", "asyncio"):
         print(f"relayproxy: RELAYPROXY_EVENT_LOOP={choice!r}: expected uvloop or asyncio",
@@ -88,14 +88,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = _load(args)
-        from .runtime import build_runtime
-
         build_runtime(config)  # certificates and plugins load, or the error names them
     except ConfigError as exc:
         print(f"relayproxy: invalid configuration: {exc}", file=sys.stderr)
         return 2
     print(f"{args.config or '(defaults)'}: OK")
     return 0
+
+
+def cmd_test_message(args: argparse.Namespace) -> int:
+    """Run the whole policy offline on one message; exit 0 accept, 1 reject, 2 tempfail."""
+    from .offline import EXIT_CODES, run_sync
+
+    try:
+        config = load(args.config) if args.config else Config()
+        with open(args.message, "rb") as f:
+            message = f.read()
+        result = run_sync(config, args.client_ip, args.helo, args.sender, args.to, message)
+    except ConfigError as exc:
+        print(f"relayproxy: invalid configuration: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        print(f"relayproxy: cannot read {args.message}: {exc.strerror}", file=sys.stderr)
+        return 3
+    print(result.to_json() if args.json else result.to_text())
+    return EXIT_CODES[result.verdict]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -136,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--accept-domain", action="append", metavar="DOMAIN",
                        help="override server.accept_domains (repeatable)")
         p.set_defaults(func=func)
+    p = sub.add_parser("test-message", help="run the policy on a message offline (no downstream)",
+                       description=cmd_test_message.__doc__)
+    p.add_argument("-c", "--config", help="TOML configuration file")
+    p.add_argument("--client-ip", required=True, help="the client address to assume")
+    p.add_argument("--helo", required=True, help="the HELO name to assume")
+    p.add_argument("--from", dest="sender", required=True, metavar="ADDR",
+                   help="envelope sender (\"\" for the null sender)")
+    p.add_argument("--to", action="append", required=True, metavar="ADDR",
+                   help="envelope recipient (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("message", help="the message file (.eml)")
+    p.set_defaults(func=cmd_test_message)
     p = sub.add_parser("demo", help="run the proxy in front of a built-in demo mailbox")
     p.add_argument("--port", type=int, default=2525, help="proxy port (default 2525)")
     p.add_argument("--metrics-port", type=int, default=9325,

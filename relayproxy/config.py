@@ -1,19 +1,23 @@
-"""The TOML configuration, parsed once into frozen dataclasses.
+"""The TOML configuration, validated with msgspec into frozen dataclasses.
 
-Every key, its default and its meaning is listed in README.md ("Configuration"). A bad file
-raises ConfigError whose message names the key, so `relayproxy check-config` and a SIGHUP reload
-can both report it in one line.
+Every key, its default and its meaning is listed in README.md ("Configuration"). The dataclasses
+are the schema: each field's type carries its constraints (msgspec.Meta through Annotated, which
+type checkers see through). A bad file raises ConfigError whose message names the key, so
+`relayproxy check-config` and a SIGHUP reload can both report it in one line.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import socket
 import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+
+import msgspec
 
 BareNewline = Literal["reject", "normalize"]
 DownstreamTLS = Literal["none", "opportunistic", "required"]
@@ -32,25 +36,43 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+# The value types of the keys, constraints included. Error messages describe a key by its
+# description, else by its type and bounds; `default_port` lets a host:port list name bare hosts.
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Strings = Annotated[tuple[str, ...], msgspec.Meta(description="a string or a list of strings")]
+HostPorts = Annotated[
+    tuple[HostPort, ...], msgspec.Meta(min_length=1, description="one or more host:port")]
+Nameservers = Annotated[tuple[HostPort, ...], msgspec.Meta(
+    description="a list of host or host:port", extra={"default_port": 53})]
+OptionalHostPort = Annotated[
+    HostPort | None, msgspec.Meta(description='host:port, or "" for none')]
+# no whitespace or control characters: it goes into the banner, EHLO and Received
+HostName = Annotated[str, msgspec.Meta(pattern=r"\A[^\s\x00-\x20]+\Z", description="a host name")]
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 25),)
-    hostname: str = field(default_factory=socket.gethostname)
-    accept_domains: tuple[str, ...] = ()
-    max_message_size: int = 26_214_400
-    max_recipients: int = 100
-    max_line_length: int = 998
-    max_errors: int = 20
-    max_connections: int = 1000
-    max_connections_per_ip: int = 20
+    listen: HostPorts = (HostPort("127.0.0.1", 25),)
+    hostname: HostName = field(default_factory=socket.gethostname)
+    accept_domains: Strings = ()
+    max_message_size: Positive = 26_214_400
+    max_recipients: Positive = 100
+    max_line_length: Positive = 998
+    max_errors: Positive = 20
+    max_connections: Positive = 1000
+    max_connections_per_ip: Positive = 20
     bare_newline: BareNewline = "reject"
-    max_header_size: int = 262_144
-    hold_bytes: int = 131_072
-    idle_timeout: float = 300.0
-    command_timeout: float = 300.0
-    data_timeout: float = 180.0
-    drain_timeout: float = 30.0
+    max_header_size: Positive = 262_144
+    hold_bytes: NonNegativeInt = 131_072
+    idle_timeout: Seconds = 300.0
+    command_timeout: Seconds = 300.0
+    data_timeout: Seconds = 180.0
+    drain_timeout: Seconds = 30.0
     reverse_dns: bool = True
+    greet_delay: NonNegative = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,34 +87,46 @@ class TLSConfig:
 
 @dataclass(frozen=True, slots=True)
 class DownstreamConfig:
-    servers: tuple[HostPort, ...] = (HostPort("127.0.0.1", 10025),)
+    servers: HostPorts = (HostPort("127.0.0.1", 10025),)
     helo_name: str = ""
     tls: DownstreamTLS = "opportunistic"
     tls_verify: bool = False
     xclient: bool = True
-    max_connections: int = 50
-    connect_timeout: float = 10.0
-    command_timeout: float = 60.0
-    data_timeout: float = 300.0
-    down_time: float = 30.0
+    max_connections: Positive = 50
+    connect_timeout: Seconds = 10.0
+    command_timeout: Seconds = 60.0
+    data_timeout: Seconds = 300.0
+    down_time: Seconds = 30.0
     reuse_connections: bool = True
-    idle_timeout: float = 10.0
+    idle_timeout: Seconds = 10.0
 
 
 @dataclass(frozen=True, slots=True)
 class DNSConfig:
-    nameservers: tuple[HostPort, ...] = ()
-    timeout: float = 3.0
+    nameservers: Nameservers = ()
+    timeout: Seconds = 3.0
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    listen: HostPort | None = HostPort("127.0.0.1", 9325)
+    listen: OptionalHostPort = HostPort("127.0.0.1", 9325)
+
+
+@dataclass(frozen=True, slots=True)
+class RulesConfig:
+    files: Strings = ()
+    mode: Literal["enforce", "monitor"] = "enforce"
+    reject_score: NonNegative = 10.0
+    tempfail_score: NonNegative = 0.0
+    exempt_recipients: Strings = ("postmaster", "abuse")
+    body_scan_bytes: Positive = 262_144
+    check_timeout: Seconds = 10.0
+    country_db: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class PluginsConfig:
-    checks: tuple[str, ...] = ()
+    checks: Strings = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +143,9 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
+    # the folder of the file it was read from: rule files are relative to it
+    base_dir: str = field(default=".", compare=False)
 
     @property
     def downstream_helo(self) -> str:
@@ -136,160 +173,103 @@ def parse_hostport(value: str, key: str, default_port: int | None = None) -> Hos
     return HostPort(host, int(port_text))
 
 
-# Each section's keys and how a TOML value becomes a field value.
-_Converter = Callable[[Any, str], Any]
-
-
-def _positive(kind: type) -> _Converter:
-    def convert(value: Any, key: str) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if kind is int and not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if value <= 0:
-            raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
-        return kind(value)
-
-    return convert
-
-
-def _string(value: Any, key: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def _boolean(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _choice(*choices: str) -> _Converter:
-    def convert(value: Any, key: str) -> str:
-        if value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
-        return str(value)
-
-    return convert
-
-
-def _string_list(value: Any, key: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
-    return tuple(value)
-
-
-def _hostport_list(value: Any, key: str, default_port: int | None) -> tuple[HostPort, ...]:
-    return tuple(parse_hostport(v, key, default_port) for v in _string_list(value, key))
-
-
-def _nameservers(value: Any, key: str) -> tuple[HostPort, ...]:
-    return _hostport_list(value, key, 53)
-
-
-def _nonempty_hostports(value: Any, key: str) -> tuple[HostPort, ...]:
-    result = _hostport_list(value, key, None)
-    if not result:
-        raise ConfigError(f"{key}: needs at least one host:port")
+def _key_types(cls: type[Any]) -> dict[str, tuple[Any, msgspec.Meta]]:
+    """Each key's type, without Annotated, and its msgspec.Meta (an empty one if it has none)."""
+    result = {}
+    for key, hint in get_type_hints(cls, include_extras=True).items():
+        extras: list[Any] = []
+        if get_origin(hint) is Annotated:
+            hint, *extras = get_args(hint)
+        metas = [m for m in extras if isinstance(m, msgspec.Meta)]
+        result[key] = (hint, metas[0] if metas else msgspec.Meta())
     return result
 
 
-def _domains(value: Any, key: str) -> tuple[str, ...]:
+# Read off the dataclasses: the sections of Config, and each section's keys.
+_SECTIONS: dict[str, type[Any]] = {
+    name: hint for name, hint in get_type_hints(Config).items()
+    if isinstance(hint, type) and is_dataclass(hint)}
+_KEYS = {name: _key_types(cls) for name, cls in _SECTIONS.items()}
+_KINDS: dict[Any, str] = {int: "an integer", float: "a number", str: "a string",
+                          bool: "true or false"}
+
+
+def _expected(kind: Any, meta: msgspec.Meta) -> str:
+    """What a key takes, in words, from its type rather than from msgspec's wording."""
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(get_args(kind))
+    if meta.description:
+        return meta.description
+    bounds = ((">=", meta.ge), (">", meta.gt), ("<=", meta.le), ("<", meta.lt))
+    return _KINDS[kind] + "".join(f" {op} {limit:g}" for op, limit in bounds if limit is not None)
+
+
+def _written_form(value: Any, key: str, kind: Any, meta: msgspec.Meta) -> Any:
+    """A value in the form its type takes: one string stands for a list of one, and host:port
+    text is parsed here because msgspec reads a dataclass such as HostPort only from a table
+    (it never hands one to a dec_hook)."""
+    if get_origin(kind) is tuple and isinstance(value, str):
+        value = [value]
+    if HostPort not in get_args(kind):
+        return value
+    default_port = (meta.extra or {}).get("default_port")
+    if value == "" and type(None) in get_args(kind):
+        return None
+    if isinstance(value, str):
+        return parse_hostport(value, key, default_port)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [parse_hostport(v, key, default_port) for v in value]
+    raise ConfigError(f"{key}: expected {_expected(kind, meta)}, got {value!r}")
+
+
+def _written_forms(data: dict[str, Any]) -> dict[str, Any]:
+    # msgspec takes unknown keys silently when decoding into a dataclass: they are checked here
+    result = {}
+    for name, table in data.items():
+        keys = _KEYS.get(name)
+        if keys is None:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(_KEYS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: expected a table, got {table!r}")
+        unknown = next((key for key in table if key not in keys), None)
+        if unknown is not None:
+            close = difflib.get_close_matches(unknown, keys, n=1)
+            raise ConfigError(f"{name}.{unknown}: unknown key"
+                              + (f" (did you mean {close[0]}?)" if close else ""))
+        result[name] = {key: _written_form(value, f"{name}.{key}", *keys[key])
+                        for key, value in table.items()}
+    return result
+
+
+def _config_error(exc: msgspec.ValidationError, data: dict[str, Any]) -> ConfigError:
+    # "... - at `$.server.listen[0]`" is about the key server.listen: show it as written
+    where = str(exc).rpartition(" - at `$.")[2]
+    section, key = where.rstrip("`").split("[")[0].split(".")[:2]
+    expected = _expected(*_KEYS[section][key])
+    return ConfigError(f"{section}.{key}: expected {expected}, got {data[section][key]!r}")
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    try:
+        config = msgspec.convert(_written_forms(data), Config)
+    except msgspec.ValidationError as exc:
+        raise _config_error(exc, data) from None
+    server = config.server
+    accept = _domains(server.accept_domains, "server.accept_domains")
+    config = replace(config, server=replace(server, accept_domains=accept))
+    _check_consistency(config)
+    return config
+
+
+def _domains(items: Iterable[str], key: str) -> tuple[str, ...]:
+    """Domains as they are compared: lower case, without the root's dot."""
     domains = []
-    for item in _string_list(value, key):
+    for item in items:
         name = item.strip().lower().rstrip(".")
         if not name.lstrip(".") or " " in name:
             raise ConfigError(f"{key}: {item!r} is not a domain name")
         domains.append(name)
     return tuple(domains)
-
-
-def _hostname(value: Any, key: str) -> str:
-    name = _string(value, key)
-    if not name or any(c.isspace() or ord(c) < 33 for c in name):
-        raise ConfigError(f"{key}: {value!r} is not a host name")
-    return name
-
-
-def _optional_hostport(value: Any, key: str) -> HostPort | None:
-    text = _string(value, key)
-    return parse_hostport(text, key) if text else None
-
-
-def _nonnegative_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{key}: expected an integer >= 0, got {value!r}")
-    return value
-
-
-_SECTIONS: dict[str, tuple[type, dict[str, _Converter]]] = {
-    "server": (
-        ServerConfig,
-        {
-            "listen": _nonempty_hostports,
-            "hostname": _hostname,
-            "accept_domains": _domains,
-            "max_message_size": _positive(int),
-            "max_recipients": _positive(int),
-            "max_line_length": _positive(int),
-            "max_errors": _positive(int),
-            "max_connections": _positive(int),
-            "max_connections_per_ip": _positive(int),
-            "bare_newline": _choice("reject", "normalize"),
-            "max_header_size": _positive(int),
-            "hold_bytes": _nonnegative_int,
-            "idle_timeout": _positive(float),
-            "command_timeout": _positive(float),
-            "data_timeout": _positive(float),
-            "drain_timeout": _positive(float),
-            "reverse_dns": _boolean,
-        },
-    ),
-    "tls": (TLSConfig, {"cert": _string, "key": _string}),
-    "downstream": (
-        DownstreamConfig,
-        {
-            "servers": _nonempty_hostports,
-            "helo_name": _string,
-            "tls": _choice("none", "opportunistic", "required"),
-            "tls_verify": _boolean,
-            "xclient": _boolean,
-            "max_connections": _positive(int),
-            "connect_timeout": _positive(float),
-            "command_timeout": _positive(float),
-            "data_timeout": _positive(float),
-            "down_time": _positive(float),
-            "reuse_connections": _boolean,
-            "idle_timeout": _positive(float),
-        },
-    ),
-    "dns": (DNSConfig, {"nameservers": _nameservers, "timeout": _positive(float)}),
-    "metrics": (MetricsConfig, {"listen": _optional_hostport}),
-    "log": (LogConfig, {"level": _choice("debug", "info", "warning", "error")}),
-    "plugins": (PluginsConfig, {"checks": _string_list}),
-}
-
-
-def from_dict(data: dict[str, Any]) -> Config:
-    sections: dict[str, Any] = {}
-    for name, table in data.items():
-        if name not in _SECTIONS:
-            raise ConfigError(f"{name}: unknown section (known: {', '.join(_SECTIONS)})")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{name}: expected a table")
-        cls, converters = _SECTIONS[name]
-        values = {}
-        for key, value in table.items():
-            if key not in converters:
-                raise ConfigError(f"{name}.{key}: unknown key")
-            values[key] = converters[key](value, f"{name}.{key}")
-        sections[name] = cls(**values)
-    config = Config(**sections)
-    _check_consistency(config)
-    return config
 
 
 def _check_consistency(config: Config) -> None:
@@ -317,7 +297,7 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
-    return from_dict(data)
+    return replace(from_dict(data), base_dir=str(Path(path).resolve().parent))
 
 
 def with_overrides(
@@ -329,18 +309,19 @@ def with_overrides(
     """Apply command-line overrides (used by benchmarks and quick trials)."""
     server, down = config.server, config.downstream
     if listen:
-        server = replace(server, listen=_nonempty_hostports(listen, "--listen"))
+        server = replace(server, listen=tuple(parse_hostport(v, "--listen") for v in listen))
     if accept_domains:
         server = replace(server, accept_domains=_domains(accept_domains, "--accept-domain"))
     if downstream:
-        down = replace(down, servers=_nonempty_hostports(downstream, "--downstream"))
+        servers = tuple(parse_hostport(v, "--downstream") for v in downstream)
+        down = replace(down, servers=servers)
     return replace(config, server=server, downstream=down)
 
 
 def defaults_table() -> dict[str, dict[str, Any]]:
     """The default value of every key, for documentation and tests."""
     result: dict[str, dict[str, Any]] = {}
-    for name, (cls, _) in _SECTIONS.items():
+    for name, cls in _SECTIONS.items():
         instance = cls()
         result[name] = {f.name: getattr(instance, f.name) for f in fields(cls)}
     return result

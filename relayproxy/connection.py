@@ -101,6 +101,19 @@ class ClientConnection(asyncio.Protocol):
             self._paused_reading = False
             self.transport.resume_reading()
 
+    async def talks_within(self, seconds: float) -> bool:
+        """Did the client send anything (or close) within seconds? Nothing is consumed."""
+        if self._buf or self._eof:
+            return True
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wait_data()
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        return True
+
     def take_line(self, limit: int) -> bytes | None:
         """The next buffered line including its LF, or None if no whole line is buffered yet.
 

@@ -1,4 +1,8 @@
-"""Asynchronous DNS on the configured nameservers (dns.nameservers), never blocking the loop."""
+"""Asynchronous DNS on the configured nameservers (dns.nameservers), never blocking the loop.
+
+One async resolver for everything (reverse DNS, DNSBLs, later SPF and DKIM): per-query
+timeouts, and one TTL-respecting cache that all of them share.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,15 @@ from .config import DNSConfig
 UNAVAILABLE = "[UNAVAILABLE]"
 TEMPUNAVAIL = "[TEMPUNAVAIL]"
 
+# Bounds the shared cache: a flood of clients with unique addresses evicts the least recently
+# used answers instead of growing memory.
+CACHE_ENTRIES = 10_000
+
 _NOT_FOUND = (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers)
 
 
-def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
+def make_resolver(config: DNSConfig,
+                  cache_entries: int = CACHE_ENTRIES) -> dns.asyncresolver.Resolver:
     if config.nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
         # per-server ports must be known before the nameservers are set: dnspython binds them then
@@ -28,6 +37,10 @@ def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
         resolver = dns.asyncresolver.Resolver()
     resolver.lifetime = config.timeout
     resolver.timeout = config.timeout
+    # dnspython keeps each answer for its TTL, and NXDOMAIN/NODATA for the negative TTL of the
+    # zone's SOA (RFC 2308 section 5; 300 s without one), so a repeat lookup within it costs
+    # no query.
+    resolver.cache = dns.resolver.LRUCache(cache_entries)
     return resolver
 
 

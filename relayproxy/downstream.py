@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import cast
 
@@ -72,7 +73,7 @@ def _xtext(value: str) -> str:
     )
 
 
-def xclient_command(client: ClientIdentity, offered: set[str]) -> bytes:
+def xclient_command(client: ClientIdentity, offered: Collection[str]) -> bytes:
     addr = f"IPV6:{client.addr}" if ":" in client.addr else client.addr
     attributes = {
         "ADDR": addr,
@@ -96,7 +97,10 @@ class Connection:
         self.extensions: dict[str, str] = {}
         self.in_transaction = False
         self.reused = False
-        self.identity: ClientIdentity | None = None  # who XCLIENT last said the client is
+        self.introduced: bytes | None = None  # the XCLIENT line it was last introduced with
+        # XCLIENT attributes offered to the proxy itself (None: no XCLIENT); later EHLOs, made
+        # as the client, may say less, and must not turn XCLIENT off for the next client
+        self.xclient: frozenset[str] | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
 
     @property
@@ -169,15 +173,16 @@ class Connection:
         except (OSError, TimeoutError) as exc:
             raise self._fail("DATA", exc) from exc
 
-    async def finish(self) -> Reply:
-        """Send the final dot (withheld until now) and return the downstream's verdict."""
+    async def finish(self, rest: bytes = b"") -> Reply:
+        """Send what is left of the body and the final dot (withheld until now), in one write,
+        and return the downstream's verdict."""
         protocol = self.smtp.protocol
         if protocol is None:
             raise self._fail("end of data", ConnectionResetError("connection lost"))
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            protocol.write(b".\r\n")
+            protocol.write(rest + b".\r\n")
             response = await protocol.read_response(timeout=self.pool.config.data_timeout)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise self._fail("end of data", exc) from exc
@@ -249,8 +254,8 @@ class Pool:
         while conn is not None:
             conn.unpark()
             if conn.alive:
-                if conn.identity == client:
-                    return conn  # this client's own: already introduced, nothing to send
+                if conn.introduced == self._introduction(conn, client):
+                    return conn  # introduced as this client already: nothing to send
                 try:
                     await self._introduce(conn, client)
                     return conn
@@ -274,7 +279,7 @@ class Pool:
     def _take_idle(self, client: ClientIdentity) -> Connection | None:
         """The newest idle connection, preferring one already introduced as this client."""
         for conn in reversed(self._idle):
-            if conn.identity == client:
+            if conn.introduced == self._introduction(conn, client):
                 self._idle.remove(conn)
                 break
         else:
@@ -381,6 +386,8 @@ class Pool:
         name = self.helo_name
         if (await conn.ehlo(name)).code == 250:
             self.extensions = conn.extensions
+            offered = conn.extensions.get("xclient")
+            conn.xclient = None if offered is None else frozenset(offered.upper().split())
         else:
             conn.extensions = {}
             reply = await conn.command("ehlo", b"HELO " + name.encode("ascii", "replace"))
@@ -422,12 +429,12 @@ class Pool:
         the proxy's identity. Refusals here are about this client (its HELO name, its address),
         not the server: the connection is dropped but the server is not marked down.
         """
-        conn.identity = None
-        if not (self.config.xclient and conn.supports("xclient")):
-            conn.identity = client
+        conn.introduced = None
+        line = self._introduction(conn, client)
+        if not line:
+            conn.introduced = line
             return
-        offered = set(conn.extensions.get("xclient", "").upper().split())
-        reply = await conn.command("xclient", xclient_command(client, offered))
+        reply = await conn.command("xclient", line)
         if reply.code >= 300:
             conn.close()
             metrics.DOWNSTREAM_ERRORS.labels("xclient").inc()
@@ -448,7 +455,17 @@ class Pool:
                          client.addr, greeted)
                 # its own words are the client's answer (e.g. an invalid HELO name)
                 raise DownstreamError(greeted, False, "helo_refused", conn.where)
-        conn.identity = client
+        conn.introduced = line
+
+    def _introduction(self, conn: Connection, client: ClientIdentity) -> bytes:
+        """The XCLIENT line that introduces client on conn (b"" when it takes none).
+
+        Two clients with the same line look the same to the downstream, so a connection
+        introduced with it needs no new XCLIENT (and no EHLO after it).
+        """
+        if not self.config.xclient or conn.xclient is None:
+            return b""
+        return xclient_command(client, conn.xclient)
 
 
 class _TLSFailed(Exception):

@@ -86,12 +86,18 @@ def complete_lines(data: bytes | bytearray, start: int) -> int:
 
 
 class HeaderSection:
-    """The parsed header section; fields in order, with the ones checks prepend first."""
+    """The held header section; fields in order, with the ones checks prepend first.
 
-    __slots__ = ("_prepended", "fields", "sealed", "separator")
+    Parsed on first use: when no check reads or removes a field, the section leaves exactly as
+    it came, with the prepended fields on top, and costs no parsing.
+    """
 
-    def __init__(self, fields: list[HeaderField], separator: bytes) -> None:
-        self.fields = fields
+    __slots__ = ("_fields", "_prepended", "_wire", "sealed", "separator")
+
+    def __init__(self, fields: list[HeaderField] | None, separator: bytes,
+                 wire: bytes = b"") -> None:
+        self._fields = fields
+        self._wire = wire
         self._prepended: list[bytes] = []
         self.separator = separator  # the empty line that ended the section, or b""
         self.sealed = False
@@ -99,14 +105,20 @@ class HeaderSection:
     @classmethod
     def parse(cls, wire: bytes, separator: bytes = b"") -> HeaderSection:
         """wire: the section as it came (dot-stuffed), CRLF-ended field lines."""
-        fields: list[HeaderField] = []
-        for line in Unstuffer()(wire).splitlines(keepends=True):
-            if line[:1] in _CONTINUATION and fields:
-                fields[-1].raw += line
-            else:
-                name = line.split(b":", 1)[0].decode("ascii", "replace")
-                fields.append(HeaderField(name, line))
-        return cls(fields, separator)
+        return cls(None, separator, wire)
+
+    @property
+    def fields(self) -> list[HeaderField]:
+        if self._fields is None:
+            fields: list[HeaderField] = []
+            for line in Unstuffer()(self._wire).splitlines(keepends=True):
+                if line[:1] in _CONTINUATION and fields:
+                    fields[-1].raw += line
+                else:
+                    name = line.split(b":", 1)[0].decode("ascii", "replace")
+                    fields.append(HeaderField(name, line))
+            self._fields = fields
+        return self._fields
 
     def __iter__(self) -> Iterator[HeaderField]:
         return iter(self.fields)
@@ -123,9 +135,12 @@ class HeaderSection:
         """Remove the fields called name (for which where holds); returns how many."""
         self._check_open()
         lname = name.lower()
-        kept = [f for f in self.fields if f.lname != lname or (where is not None and not where(f))]
-        removed = len(self.fields) - len(kept)
-        self.fields = kept
+        fields = self.fields
+        kept = [f for f in fields if f.lname != lname or (where is not None and not where(f))]
+        removed = len(fields) - len(kept)
+        if removed:
+            self._fields = kept
+            self._wire = b""  # the section changed: wire() builds it from the fields
         return removed
 
     def prepend(self, name: str, value: str) -> None:
@@ -153,4 +168,7 @@ class HeaderSection:
 
     def wire(self) -> bytes:
         """The section in wire form: a line that begins with "." is stuffed (RFC 5321 4.5.2)."""
+        if self._wire or self._fields == []:
+            # untouched: the section as it came, already in wire form
+            return stuff(b"".join(self._prepended)) + self._wire + self.separator
         return stuff(self.message_bytes())

@@ -102,11 +102,12 @@ class DownstreamLeg:
         assert self.conn is not None
         return await self.conn.command("data", b"DATA")
 
-    async def finish(self) -> Reply:
-        """The final dot; the transaction is over either way, so the leg goes back."""
+    async def finish(self, rest: bytes = b"") -> Reply:
+        """The rest of the body and the final dot; the transaction is over either way, so the
+        leg goes back."""
         assert self.conn is not None
         try:
-            return await self.conn.finish()
+            return await self.conn.finish(rest)
         finally:
             self.release()
 

@@ -77,6 +77,7 @@ class MessageStream:
         # the held window: None once streaming
         self._window: list[bytes] | None = None
         self._window_size = 0
+        self._out: list[bytes] = []  # to write downstream at the next drain (or with the dot)
         self._hold = server.hold_bytes if pipeline.adds_end_headers else 0
 
     @property
@@ -114,14 +115,16 @@ class MessageStream:
         return Received(self.info, self.verdict, self.failure)
 
     async def deliver(self) -> Reply:
-        """The end-of-data checks passed: send what is still held, then the dot."""
+        """The end-of-data checks passed: send what is still held, then the dot, at once."""
         if self._window is not None:
             self._seal()
             self._write(self._window)
             self._window = None
         if self.failure is not None:
             raise self.failure
-        return await self.leg.finish()
+        rest = b"".join(self._out)
+        self._out.clear()
+        return await self.leg.finish(rest)
 
     # the stream, in order
 
@@ -170,7 +173,9 @@ class MessageStream:
             if self.verdict is not None:
                 return
         self._forward(forward)
-        await self._drain()
+        if not self.reader.done:
+            await self._drain()
+        # else the last part goes down with the dot, in one write (one segment, no Nagle)
 
     async def _observe(self, body: bytes) -> None:
         for name, observer in self._observers:
@@ -203,18 +208,19 @@ class MessageStream:
         self.info.headers_sent = True
 
     def _write(self, parts: list[bytes] | tuple[bytes, ...]) -> None:
-        if self.failure is not None or self.leg.conn is None:
-            return
-        try:
-            for part in parts:
-                self.leg.conn.write(part)
-        except DownstreamError as exc:
-            self.failure = exc
+        # gathered, and written once per chunk read: the header section, the body part that
+        # came with it (and, at the end, the dot) travel in one write
+        if self.failure is None:
+            self._out.extend(parts)
 
     async def _drain(self) -> None:
-        if self.failure is not None or self.leg.conn is None or self._window is not None:
+        """Write what is gathered; wait while the downstream has not taken enough of it."""
+        if self.failure is not None or self.leg.conn is None or not self._out:
             return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
         try:
+            self.leg.conn.write(data)
             await self.leg.conn.drain()
         except DownstreamError as exc:
             self.failure = exc

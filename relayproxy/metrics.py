@@ -27,7 +27,7 @@ DECISION_SOURCES: Final = ("local", "rule", "downstream")
 REJECTION_STAGES: Final = ("connect", "helo", "mail", "rcpt", "data", "dot")
 REPLY_CLASSES: Final = ("4xx", "5xx")
 PROTOCOL_ERROR_KINDS: Final = (
-    "line_too_long", "bad_characters", "unknown_command", "bare_newline_command"
+    "line_too_long", "bad_characters", "unknown_command", "bare_newline_command", "pregreet"
 )
 DOWNSTREAM_ERROR_KINDS: Final = (
     "connect", "timeout", "disconnect", "busy", "tls", "xclient", "helo_refused"
@@ -104,6 +104,13 @@ MESSAGE_SIZE = Histogram(
     buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 10485760, 26214400, 104857600),
     registry=REGISTRY,
 )
+RULE_HITS = Counter(
+    "relayproxy_rule_hits",
+    "Rules that matched, by rule and what they did (monitor: would have, not enforced);"
+    " every rule of the loaded rule files is exported from the start",
+    ["rule", "action"],
+    registry=REGISTRY,
+)
 CONFIG_RELOADS = Counter(
     "relayproxy_config_reloads",
     "SIGHUP reloads by result",
@@ -132,6 +139,9 @@ MESSAGES_REJECTED = MESSAGES.labels("rejected")
 MESSAGES_TEMPFAILED = MESSAGES.labels("tempfailed")
 MESSAGES_ABORTED = MESSAGES.labels("aborted")
 LATENCY = {c: DOWNSTREAM_LATENCY.labels(c) for c in LATENCY_COMMANDS}
+MESSAGES_BY = {o: MESSAGES.labels(o) for o in MESSAGE_OUTCOMES}
+RECIPIENTS_BY = {(o, s): RECIPIENTS.labels(o, s)
+                 for o, s in product(RECIPIENT_OUTCOMES, DECISION_SOURCES)}
 
 
 def serve(host: str, port: int) -> None:

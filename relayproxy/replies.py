@@ -115,6 +115,7 @@ DATA_LINE_TOO_LONG = R(500, "5.5.2", "Message line too long")
 BARE_NEWLINE = R(550, "5.6.0", "Bare CR or LF in message; lines must end with CRLF")
 START_DATA = R(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
 
+PREGREET = R(554, "5.5.1", "Protocol error: you talked before the greeting")
 TOO_MANY_ERRORS = R(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_CONNECTIONS = R(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_IP = R(421, "4.7.0", "Too many connections from your address, try again later")

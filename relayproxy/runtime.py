@@ -9,10 +9,13 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-from .checks import Pipeline, build_pipeline
+from .checks import Pipeline
 from .config import Config, ConfigError
 from .dns import ClientNames, make_resolver
 from .downstream import Pool
+from .pipeline import Services, build_pipeline
+from .policy.dnsbl import Dnsbl
+from .policy.state import MemoryStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,20 +23,30 @@ class Runtime:
     config: Config
     pipeline: Pipeline
     pool: Pool
-    names: ClientNames  # reverse DNS of clients, cached
+    services: Services  # DNS (with its cache), DNSBL, limit state: shared by the checks
     tls_context: ssl.SSLContext | None
 
+    @property
+    def names(self) -> ClientNames:
+        return self.services.names
 
-def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
-    """The runtime for config; the downstream pool and DNS cache carry over when unchanged."""
+
+def build_runtime(config: Config, previous: Runtime | None = None, trace: bool = False
+                  ) -> Runtime:
+    """The runtime for config; what holds state (the downstream pool, DNS caches, limit
+    counters) carries over a reload when its configuration did not change."""
     pool = previous.pool if previous and previous.config.downstream == config.downstream and (
         previous.config.downstream_helo == config.downstream_helo) else None
-    names = previous.names if previous and previous.config.dns == config.dns else None
+    services = previous.services if previous and previous.config.dns == config.dns else None
+    if services is None:
+        resolver = make_resolver(config.dns)
+        store = previous.services.store if previous else MemoryStore()
+        services = Services(resolver, ClientNames(resolver), Dnsbl(resolver), store)
     return Runtime(
         config=config,
-        pipeline=build_pipeline(config),
+        pipeline=build_pipeline(config, services, trace),
         pool=pool or Pool(config.downstream, config.downstream_helo),
-        names=names or ClientNames(make_resolver(config.dns)),
+        services=services,
         tls_context=server_tls_context(config) if config.tls.enabled else None,
     )
 

@@ -15,7 +15,9 @@ import logging
 import os
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from . import dns as rdns
 from . import metrics, replies
@@ -82,6 +84,16 @@ def _valid_param(key: str, value: str | None) -> bool:
     return value is not None and bool(_XTEXT.match(value))  # ENVID, ORCPT
 
 
+_clock: list[Any] = [0, ""]  # the second and its RFC 5322 date, formatted once a second
+
+
+def _date() -> str:
+    now = int(time.time())
+    if _clock[0] != now:
+        _clock[:] = [now, email.utils.formatdate(now, localtime=True)]
+    return str(_clock[1])
+
+
 def _header_safe(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:HELO_NAME_LIMIT]
 
@@ -95,6 +107,7 @@ class Session:
         self.config = runtime.config
         self.client = client
         self.info = SessionInfo(os.urandom(6).hex(), client.peer[0], client.peer[1])
+        self.info.name_lookup = self.client_name
         self.leg = DownstreamLeg(runtime.pool)
         self.tx: Transaction | None = None
         self.errors = 0
@@ -148,6 +161,13 @@ class Session:
             verdict = await self.rt.pipeline.connect(self.info)
             if verdict is not None:
                 self._emit(replies.for_verdict(verdict))
+                raise SessionEnd
+            delay = self.config.server.greet_delay
+            if delay and await self.client.talks_within(delay):
+                # a client that talks before the banner is a bot that does not wait for
+                # replies (postscreen's pregreet test, RFC 5321 4.3.1)
+                metrics.PROTOCOL_ERRORS.labels("pregreet").inc()
+                self._emit(replies.PREGREET)
                 raise SessionEnd
             self.send(replies.greeting(self.config.server.hostname))
             while True:
@@ -367,10 +387,33 @@ class Session:
             reply = tx.refusal = refusal
         else:
             reply = await self.leg.rcpt(rcpt, params)
-            if reply.code in (250, 251):
+            verdict = await self.rt.pipeline.rcpt_reply(self.info, tx.envelope, rcpt, reply)
+            if verdict is not None:
+                accepted_downstream = reply.code in (250, 251)
+                reply = replies.for_verdict(verdict)
+                if accepted_downstream and reply.code != 421:
+                    await self._replay(tx)
+            elif reply.code in (250, 251):
                 tx.envelope.recipients.append(rcpt)
+                tx.rcpt_params.append(params)
         tx.recipient(rcpt, reply)
         return reply
+
+    async def _replay(self, tx: Transaction) -> None:
+        """A check refused a recipient the downstream had accepted (greylisting): start the
+        downstream transaction over without it, so it can never receive the message."""
+        await self.leg.reset()
+        if refusal := await self._open_leg(tx):
+            tx.refusal = refusal
+            tx.envelope.recipients.clear()
+            return
+        for address, params in zip(tx.envelope.recipients, tx.rcpt_params, strict=True):
+            again = await self.leg.rcpt(address, params)
+            if again.code not in (250, 251):  # it changed its mind: nothing half-delivered
+                tx.refusal = again
+                tx.envelope.recipients.clear()
+                await self.leg.reset()
+                return
 
     async def _open_leg(self, tx: Transaction) -> Reply | None:
         """Take a downstream connection and send MAIL; the refusal, if any, for every RCPT."""
@@ -445,7 +488,7 @@ class Session:
         field = (
             f"Received: from {_header_safe(info.helo)} ({rdns_name} [{ip}])\r\n"
             f"\tby {self.config.server.hostname} (relayproxy) with {proto} id {info.session_id}"
-            f"{for_clause};\r\n\t{email.utils.formatdate(localtime=True)}\r\n"
+            f"{for_clause};\r\n\t{_date()}\r\n"
         )
         return field.encode("utf-8", "surrogateescape")
 

@@ -35,6 +35,7 @@ class Transaction:
     envelope: Envelope
     started: float = field(default_factory=time.monotonic)
     rcpt_log: list[str] = field(default_factory=list)
+    rcpt_params: list[dict[str, str | None]] = field(default_factory=list)  # of each recipient
     size: int = 0
     data_started: bool = False
     downstream: str = ""  # the server that got it, once one did
@@ -43,7 +44,9 @@ class Transaction:
     done: bool = False
 
     def recipient(self, address: str, reply: Reply) -> None:
-        metrics.RECIPIENTS.labels(outcome_of(reply), reply.source).inc()
+        key = (outcome_of(reply), reply.source)
+        child = metrics.RECIPIENTS_BY.get(key) or metrics.RECIPIENTS.labels(*key)
+        child.inc()
         self.rcpt_log.append(f"<{address}>={reply.code}")
 
     def end(self, session: SessionInfo, reply: Reply | None, outcome: str = "") -> None:
@@ -53,7 +56,7 @@ class Transaction:
         self.done = True
         outcome = outcome or (outcome_of(reply) if reply is not None else "aborted")
         if self.data_started:
-            metrics.MESSAGES.labels(outcome).inc()
+            metrics.MESSAGES_BY[outcome].inc()
         if not txlog.isEnabledFor(logging.INFO):
             return
         fields = {
@@ -68,5 +71,6 @@ class Transaction:
             "reply": str(reply) if reply else "",
             "outcome": outcome,
             "duration_ms": f"{(time.monotonic() - self.started) * 1000:.1f}",
+            **self.envelope.log_fields,
         }
         txlog.info(" ".join(f"{k}={_logfmt_value(v)}" for k, v in fields.items()))

@@ -473,3 +473,26 @@ def test_grammar_shaped_text_raises_only_path_error(
     prefix: str, middle: str, suffix: str, keyword: str, utf8: bool
 ) -> None:
     _check_outcome(prefix.format(kw=keyword) + middle + suffix, keyword, utf8)
+
+
+# The fast path (one regex for the common case) must agree with the whole grammar.
+_SIMPLE_TEXT = st.text(alphabet=st.sampled_from(
+    "abcXYZ019.-_+=<>@: \"\\'!#~[]" ), max_size=40)
+
+
+@settings(max_examples=400)
+@given(st.sampled_from(["FROM", "TO"]), _SIMPLE_TEXT, st.booleans())
+def test_fast_path_agrees_with_the_grammar(keyword: str, text: str, utf8: bool) -> None:
+    from relayproxy.address import _parse_grammar
+
+    for arg in (f"{keyword}:{text}", f"{keyword}:<{text}>", f"{keyword}:<a@{text}>",
+                f"{keyword}:<{text}@b.example> X=1"):
+        try:
+            expected: object = _parse_grammar(arg, keyword, utf8)
+        except PathError as exc:
+            expected = type(exc)
+        try:
+            got: object = parse_path(arg, keyword, smtputf8=utf8)
+        except PathError as exc:
+            got = type(exc)
+        assert got == expected, arg

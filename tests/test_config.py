@@ -19,7 +19,7 @@ from relayproxy import config as rpconfig
 from relayproxy.config import ConfigError, HostPort
 
 README = PROJECT_ROOT / "README.md"
-SECTIONS = ("server", "tls", "downstream", "dns", "metrics", "log")
+SECTIONS = ("server", "tls", "downstream", "dns", "metrics", "log", "plugins", "rules")
 
 # The keys the issue and the interface spec name, with their documented defaults.
 # server.hostname and downstream.helo_name default to the machine's name (checked apart).
@@ -39,6 +39,9 @@ EXPECTED_DEFAULTS: dict[str, dict[str, Any]] = {
         "data_timeout": 180,
         "drain_timeout": 30,
         "reverse_dns": True,
+        "max_header_size": 262144,
+        "hold_bytes": 131072,
+        "greet_delay": 0,
     },
     "tls": {"cert": "", "key": ""},
     "downstream": {
@@ -57,6 +60,17 @@ EXPECTED_DEFAULTS: dict[str, dict[str, Any]] = {
     "dns": {"nameservers": [], "timeout": 3},
     "metrics": {"listen": "127.0.0.1:9325"},
     "log": {"level": "info"},
+    "plugins": {"checks": []},
+    "rules": {
+        "files": [],
+        "mode": "enforce",
+        "reject_score": 10,
+        "tempfail_score": 0,
+        "exempt_recipients": ["postmaster", "abuse"],
+        "body_scan_bytes": 262144,
+        "check_timeout": 10,
+        "country_db": "",
+    },
 }
 DYNAMIC_DEFAULTS = {("server", "hostname"), ("downstream", "helo_name")}
 
@@ -243,6 +257,28 @@ INVALID: list[tuple[str, str, Any]] = [
     ("dns", "timeout", 0),
     ("metrics", "listen", "9325"),
     ("log", "level", "loud"),
+    ("server", "greet_delay", -1),
+    ("server", "greet_delay", True),
+    ("server", "hold_bytes", -1),
+    ("server", "hold_bytes", 1.0),
+    ("server", "max_header_size", 0),
+    ("server", "accept_domains", ["has space.example"]),
+    ("server", "accept_domains", ["."]),
+    ("server", "hostname", "mx.example\n"),
+    ("server", "listen", [{"host": "127.0.0.1", "port": 25}]),
+    ("server", "idle_timeout", float("nan")),
+    ("tls", "cert", 5),
+    ("metrics", "listen", 9325),
+    ("metrics", "listen", {"host": "127.0.0.1", "port": 9325}),
+    ("plugins", "checks", [1]),
+    ("rules", "files", 5),
+    ("rules", "mode", "enforcing"),
+    ("rules", "reject_score", -1),
+    ("rules", "tempfail_score", "5"),
+    ("rules", "exempt_recipients", [True]),
+    ("rules", "body_scan_bytes", 0),
+    ("rules", "check_timeout", 0),
+    ("rules", "country_db", False),
 ]
 
 
@@ -252,6 +288,41 @@ def test_invalid_value_error_starts_with_the_key(section: str, key: str, value: 
     message = _error({section: {key: value}})
     assert message.startswith(f"{section}.{key}: "), message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("server", "max_recipients", 0, "expected an integer >= 1, got 0"),
+        ("server", "max_recipients", "x", "expected an integer >= 1, got 'x'"),
+        ("server", "max_recipients", True, "expected an integer >= 1, got True"),
+        ("server", "hold_bytes", 1.5, "expected an integer >= 0, got 1.5"),
+        ("server", "idle_timeout", 0, "expected a number > 0, got 0"),
+        ("server", "greet_delay", -1, "expected a number >= 0, got -1"),
+        ("server", "reverse_dns", 1, "expected true or false, got 1"),
+        ("server", "bare_newline", "maybe", "expected one of reject, normalize, got 'maybe'"),
+        ("server", "hostname", "has space", "expected a host name, got 'has space'"),
+        ("server", "listen", [], "expected one or more host:port, got []"),
+        ("server", "listen", ["127.0.0.1"], "'127.0.0.1' needs a port (host:port)"),
+        ("server", "accept_domains", [1, 2], "expected a string or a list of strings, got [1, 2]"),
+        ("server", "accept_domains", ["a b"], "'a b' is not a domain name"),
+        ("rules", "mode", 1, "expected one of enforce, monitor, got 1"),
+        ("tls", "cert", 5, "expected a string, got 5"),
+        ("metrics", "listen", 5, 'expected host:port, or "" for none, got 5'),
+    ],
+)
+def test_invalid_value_says_what_was_expected_and_given(section: str, key: str, value: Any,
+                                                         expected: str) -> None:
+    assert _error({section: {key: value}}) == f"{section}.{key}: {expected}"
+
+
+def test_every_key_names_itself_when_given_a_table() -> None:
+    # No key takes a table, so each must refuse one in words of its own (no msgspec wording).
+    for section, keys in rpconfig.defaults_table().items():
+        for key in keys:
+            message = _error({section: {key: {"x": 1}}})
+            assert message.startswith(f"{section}.{key}: expected "), message
+            assert message.endswith(", got {'x': 1}") and "`" not in message, message
 
 
 def test_invalid_value_in_a_file_names_the_key(tmp_path: Path) -> None:
@@ -269,17 +340,94 @@ def test_unknown_key_is_rejected() -> None:
     assert message.startswith("downstream.server: "), message
 
 
+def test_unknown_key_suggests_the_near_one() -> None:
+    assert _error({"server": {"max_recipient": 5}}) == (
+        "server.max_recipient: unknown key (did you mean max_recipients?)")
+    assert _error({"rules": {"zzz": 5}}) == "rules.zzz: unknown key"
+
+
 def test_unknown_section_is_rejected() -> None:
     message = _error({"srever": {"listen": ["127.0.0.1:25"]}})
     assert message.startswith("srever"), message
     # A key at the top level is not a section either.
     message = _error({"max_recipients": 5})
     assert message.startswith("max_recipients"), message
+    # base_dir is where the file was read from, not something a file sets
+    assert _error({"base_dir": "/"}).startswith("base_dir: unknown section")
 
 
 def test_section_must_be_a_table() -> None:
     message = _error({"server": 5})
     assert message.startswith("server"), message
+
+
+def test_a_string_stands_for_a_list_of_one() -> None:
+    config = rpconfig.from_dict({
+        "server": {"listen": "127.0.0.1:2525", "accept_domains": "Relay.Test."},
+        "downstream": {"servers": "[::1]:10025"},
+        "dns": {"nameservers": "127.0.0.1"},
+        "plugins": {"checks": "pkg.mod:Check"},
+        "rules": {"files": "rules/*.toml", "exempt_recipients": "postmaster"},
+    })
+    assert config.server.listen == (HostPort("127.0.0.1", 2525),)
+    assert config.server.accept_domains == ("relay.test",)
+    assert config.downstream.servers == (HostPort("::1", 10025),)
+    assert config.dns.nameservers == (HostPort("127.0.0.1", 53),)
+    assert config.plugins.checks == ("pkg.mod:Check",)
+    assert config.rules.files == ("rules/*.toml",)
+    assert config.rules.exempt_recipients == ("postmaster",)
+
+
+def test_domains_are_compared_in_lower_case_without_the_root_dot() -> None:
+    config = rpconfig.from_dict({"server": {"accept_domains": [" Relay.TEST. ", ".Example.com"]}})
+    assert config.server.accept_domains == ("relay.test", ".example.com")
+
+
+def test_rules_and_greet_delay_are_typed() -> None:
+    config = rpconfig.from_dict({
+        "server": {"greet_delay": 2},
+        "rules": {"mode": "monitor", "reject_score": 5, "tempfail_score": 2.5,
+                  "body_scan_bytes": 1024, "check_timeout": 3, "country_db": "GeoLite2.mmdb"},
+    })
+    assert config.server.greet_delay == 2.0 and isinstance(config.server.greet_delay, float)
+    rules = config.rules
+    assert (rules.mode, rules.reject_score, rules.tempfail_score) == ("monitor", 5.0, 2.5)
+    assert isinstance(rules.reject_score, float) and isinstance(rules.check_timeout, float)
+    assert rules.body_scan_bytes == 1024 and rules.country_db == "GeoLite2.mmdb"
+    # 0 is allowed where it means "never" or "at once"
+    zero = rpconfig.from_dict({"server": {"greet_delay": 0, "hold_bytes": 0},
+                               "rules": {"reject_score": 0}})
+    assert (zero.server.greet_delay, zero.server.hold_bytes, zero.rules.reject_score) == (0, 0, 0)
+
+
+def test_load_records_the_folder_but_equality_ignores_it(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[rules]\nfiles = ["local.toml"]\n')
+    config = rpconfig.load(path)
+    assert config.base_dir == str(tmp_path.resolve())
+    assert config == rpconfig.from_dict({"rules": {"files": ["local.toml"]}})
+
+
+def test_config_objects_are_dataclasses_for_replace() -> None:
+    # Other modules build configs with dataclasses.replace (the demo, the overrides).
+    config = rpconfig.Config()
+    changed = dataclasses.replace(config, downstream=dataclasses.replace(
+        config.downstream, servers=(HostPort("127.0.0.1", 2526),)))
+    assert changed.downstream.servers == (HostPort("127.0.0.1", 2526),)
+    assert changed.downstream != config.downstream and changed.server == config.server
+
+
+def test_overrides_parse_like_the_file() -> None:
+    config = rpconfig.with_overrides(rpconfig.Config(), listen=["[::1]:2525"],
+                                     downstream=["127.0.0.1:10026"],
+                                     accept_domains=["Relay.Test."])
+    assert config.server.listen == (HostPort("::1", 2525),)
+    assert config.downstream.servers == (HostPort("127.0.0.1", 10026),)
+    assert config.server.accept_domains == ("relay.test",)
+    with pytest.raises(ConfigError, match=r"^--listen: "):
+        rpconfig.with_overrides(rpconfig.Config(), listen=["127.0.0.1"])
+    with pytest.raises(ConfigError, match=r"^--accept-domain: "):
+        rpconfig.with_overrides(rpconfig.Config(), accept_domains=["a b"])
 
 
 # ---------------------------------------------------------------------- host:port

@@ -169,7 +169,8 @@ LABELLED_SERIES: dict[str, dict[str, tuple[str, ...]]] = {
         "source": SOURCES,
     },
     "relayproxy_protocol_errors": {
-        "kind": ("line_too_long", "bad_characters", "unknown_command", "bare_newline_command"),
+        "kind": ("line_too_long", "bad_characters", "unknown_command", "bare_newline_command",
+                 "pregreet"),
     },
     "relayproxy_downstream_errors": {
         "kind": ("connect", "timeout", "disconnect", "busy", "tls", "xclient", "helo_refused"),

@@ -11,6 +11,7 @@ In DATA a check can also watch the message (relayproxy.message runs this):
     chunk by chunk, then asked for its verdict at the end of data; it may be async (a scanner
     connection), and while it awaits, the client is not read: backpressure, not buffering;
   - on_data_end: the end-of-data verdict, while the downstream still waits for the final dot.
+on_rcpt_reply sees the downstream's answer to each RCPT (and may replace it).
 A check declares in `needs` what it reads, so a message nobody watches costs nothing extra.
 
 Checks are shared by every session: what they learn about one session or transaction goes in
@@ -22,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from ..headers import HeaderSection
 from ..policy.verdict import Verdict
+from ..replies import Reply
 
 log = logging.getLogger("relayproxy.checks")
 
@@ -51,6 +53,8 @@ class SessionInfo:
     # forward-confirmed reverse DNS name: None while not looked up yet, "" if there is none
     client_name: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)  # per session, by check name
+    # the reverse lookup, awaitable: the name, or [UNAVAILABLE] / [TEMPUNAVAIL]
+    name_lookup: Callable[[], Awaitable[str]] | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True)
@@ -59,6 +63,7 @@ class Envelope:
     mail_params: dict[str, str | None] = field(default_factory=dict)
     recipients: list[str] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)  # per transaction, by check name
+    log_fields: dict[str, str] = field(default_factory=dict)  # added to its log line
 
 
 @dataclass(slots=True)
@@ -95,7 +100,7 @@ class Check:
     """Base class: every stage lets the conversation go on."""
 
     name = "check"
-    needs: ClassVar[frozenset[Need]] = frozenset()
+    needs: frozenset[Need] = frozenset()  # a class may set it per instance (rules engine)
 
     async def on_connect(self, session: SessionInfo) -> Verdict | None:
         return None
@@ -109,6 +114,13 @@ class Check:
     async def on_rcpt(
         self, session: SessionInfo, envelope: Envelope, recipient: str
     ) -> Verdict | None:
+        return None
+
+    async def on_rcpt_reply(
+        self, session: SessionInfo, envelope: Envelope, recipient: str, reply: Reply
+    ) -> Verdict | None:
+        """The downstream answered this RCPT (reply.source == "downstream"). A verdict here
+        replaces that answer for the client (a dictionary attack ending in 421, greylisting)."""
         return None
 
     async def on_headers(
@@ -133,7 +145,8 @@ class _Failed(BodyObserver):
         return self.verdict
 
 
-_STAGES = ("on_connect", "on_helo", "on_mail", "on_rcpt", "on_headers", "on_data_end")
+_STAGES = ("on_connect", "on_helo", "on_mail", "on_rcpt", "on_rcpt_reply", "on_headers",
+           "on_data_end")
 
 
 def check_failed(check: str, stage: str, exc: BaseException) -> Verdict:
@@ -194,6 +207,15 @@ class Pipeline:
     ) -> Verdict | None:
         for check in self._by_stage["on_rcpt"]:
             call = check.on_rcpt(session, envelope, recipient)
+            if verdict := await guarded(check.name, "rcpt", call):
+                return verdict
+        return None
+
+    async def rcpt_reply(
+        self, session: SessionInfo, envelope: Envelope, recipient: str, reply: Reply
+    ) -> Verdict | None:
+        for check in self._by_stage["on_rcpt_reply"]:
+            call = check.on_rcpt_reply(session, envelope, recipient, reply)
             if verdict := await guarded(check.name, "rcpt", call):
                 return verdict
         return None

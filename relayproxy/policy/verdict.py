@@ -25,6 +25,8 @@ class Verdict:
     # Which part decided, for metrics and logs: "local" (built-in limits), "rule", ...
     source: str = "local"
     check: str = ""
+    # decided before RCPT, it waits for the first RCPT (exempt recipients get through)
+    defer: bool = False
 
     @classmethod
     def reject(cls, reason: str = "", code: int | None = None, enhanced: str | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import dns.exception
@@ -29,6 +29,9 @@ class DnsServer:
     ``ptr`` maps IP addresses to names, ``a`` maps names to IPv4 (or IPv6) addresses, ``txt``
     maps names to a text string (or a list of strings, one TXT record each). Any other name
     gets NXDOMAIN (never forwarded anywhere), like a zone that simply lacks the record.
+    ``ttl`` is the TTL of every record (dnsmasq's default, 0, keeps resolvers from caching);
+    names in the ``refused`` domains are answered REFUSED, like a server that will not serve
+    them.
     """
 
     def __init__(
@@ -37,12 +40,16 @@ class DnsServer:
         a: Mapping[str, str | list[str]] | None = None,
         txt: Mapping[str, str | list[str]] | None = None,
         workdir: Path | None = None,
+        ttl: int = 0,
+        refused: Iterable[str] = (),
     ) -> None:
         self.host = LOOPBACK
         self.port = 0
         self.ptr = dict(ptr or {})
         self.a = dict(a or {})
         self.txt = dict(txt or {})
+        self.ttl = ttl
+        self.refused = tuple(refused)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="relayproxy-dns-"))
         self.log_path = self.workdir / "dnsmasq.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -73,6 +80,10 @@ class DnsServer:
                 if "," in text:
                     raise ValueError(f"TXT text may not contain ',' (dnsmasq syntax): {text!r}")
                 args.append(f"--txt-record={name},{text}")
+        # "#": the standard upstream servers, of which there are none, so dnsmasq refuses
+        args.extend(f"--server=/{domain}/#" for domain in self.refused)
+        if self.ttl:
+            args.append(f"--local-ttl={self.ttl}")
         return args
 
     def start(self, timeout: float = 10) -> DnsServer:
@@ -150,6 +161,10 @@ class DnsServer:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def queries(self, name: str, rdtype: str = "A") -> int:
+        """How many queries for name and rdtype reached this server (from its query log)."""
+        return self.log_text().count(f"query[{rdtype}] {name} from ")
 
     def query(self, name: str, rdtype: str) -> dns.message.Message:
         """Ask this server directly (for tests of the test infrastructure)."""

@@ -1,0 +1,96 @@
+"""The checks of one configuration, in order: built-in limits, rate limits and rules, plugins.
+
+The built-in limits come first (cheapest, and decisive), then the rate limits and the rules
+engine of the rule files (rules.files), then the checks the configuration loads by name
+(`plugins.checks`, "package.module:Class"), in the order given.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.asyncresolver
+
+from . import metrics
+from .checks import AcceptDomains, Check, MessageFormat, MessageSize, Pipeline, RecipientLimit
+from .config import Config, ConfigError
+from .dns import ClientNames
+from .policy.dnsbl import Dnsbl
+from .policy.engine import RulesCheck, Settings
+from .policy.geo import CountryDB
+from .policy.limits import Limit, Limits, RecipientCache
+from .policy.rules import RuleError, load_rules
+from .policy.state import Store
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What checks share across sessions and reloads: DNS and its caches, limit state."""
+
+    resolver: dns.asyncresolver.Resolver
+    names: ClientNames
+    dnsbl: Dnsbl
+    store: Store
+
+
+def load_check(spec: str) -> Check:
+    """Instantiate "package.module:Class" (a Check subclass taking no arguments)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+        check = factory()
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"plugins.checks: cannot load {spec!r}: {exc}") from None
+    if not isinstance(check, Check):
+        raise ConfigError(f"plugins.checks: {spec!r} is not a relayproxy Check")
+    return check
+
+
+def policy_checks(config: Config, services: Services, trace: bool = False) -> list[Check]:
+    """The rules engine and the limits of the configured rule files ([] without any)."""
+    rc = config.rules
+    if not rc.files:
+        return []
+    countries = None
+    try:
+        if rc.country_db:
+            countries = CountryDB(str(Path(config.base_dir) / rc.country_db))
+        ruleset = load_rules(rc.files, Path(config.base_dir), countries is not None)
+        limits = [Limit.from_table(table) for table in ruleset.limits]
+    except (RuleError, ValueError) as exc:
+        raise ConfigError(f"rules: {exc}") from None
+    settings = Settings(rc.mode, rc.reject_score, rc.tempfail_score, rc.exempt_recipients,
+                        rc.body_scan_bytes, rc.check_timeout, config.server.hostname)
+    cache = RecipientCache(services.store)
+    checks: list[Check] = []
+    if limits:
+        for limit in limits:
+            metrics.RULE_HITS.labels(limit.name, limit.action)
+            metrics.RULE_HITS.labels(limit.name, "monitor")
+        # the limits consult the cache themselves: a cached refusal still counts as an
+        # unknown recipient, or probing known-bad addresses would never be counted
+        checks.append(Limits(limits, services.store, recipient_cache=cache, on_hit=_count_hit))
+    else:
+        checks.append(cache)
+    checks.append(RulesCheck(ruleset, settings, services.dnsbl, countries, trace=trace))
+    return checks
+
+
+def _count_hit(limit: Limit, enforced: bool) -> None:
+    metrics.RULE_HITS.labels(limit.name, limit.action if enforced else "monitor").inc()
+
+
+def build_pipeline(config: Config, services: Services, trace: bool = False) -> Pipeline:
+    server = config.server
+    return Pipeline(
+        [
+            AcceptDomains(server.accept_domains),
+            RecipientLimit(server.max_recipients),
+            MessageSize(server.max_message_size),
+            MessageFormat(),
+            *policy_checks(config, services, trace),
+            *(load_check(spec) for spec in config.plugins.checks),
+        ]
+    )

@@ -1,0 +1,450 @@
+"""The rules engine: a Check that evaluates the rule set at each stage of the conversation.
+
+Each rule runs at the earliest stage that has its facts (relayproxy.policy.rules). Before a
+stage's rules run, the facts they need are gathered within rules.check_timeout: DNSBL answers
+(all zones looked up in parallel as soon as the connection opens), the verified reverse name,
+the country, the header section, the decoded body. A fact that DNS could not provide makes a
+condition unknown; a rule whose match is unknown is skipped, or tempfails with
+on_dns_error = "tempfail".
+
+Actions: reject and tempfail refuse (at connect, helo and mail the refusal waits for the first
+RCPT, so logs show who was targeted and postmaster@/abuse@ still get through: RFC 5321 4.5.1,
+RFC 2142; `defer = false` answers at once); accept skips the remaining rules (for the session,
+or the transaction); score adds to the transaction's score, checked against rules.reject_score
+and rules.tempfail_score after every stage; add_header prepends a field through the held header
+section. In monitor mode (per rule, or rules.mode = "monitor") everything is evaluated, logged
+and counted, and nothing is enforced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import metrics
+from ..checks.base import (
+    BodyObserver,
+    Check,
+    Envelope,
+    MessageInfo,
+    Need,
+    SessionInfo,
+)
+from ..headers import HeaderSection
+from .dnsbl import Dnsbl, DnsblAnswer, Listing
+from .geo import CountryDB
+from .mime import MimeScanner
+from .rules import Facts, Rule, RuleSet, Stage
+from .verdict import Action, Verdict
+
+log = logging.getLogger("relayproxy.rules")
+
+_KEY = "rules"  # in SessionInfo.facts and Envelope.facts
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    mode: str = "enforce"  # or "monitor"
+    reject_score: float = 10.0
+    tempfail_score: float = 0.0  # 0: off
+    exempt_recipients: tuple[str, ...] = ("postmaster", "abuse")
+    body_scan_bytes: int = 262_144
+    check_timeout: float = 10.0
+    hostname: str = ""
+
+
+@dataclass(slots=True)
+class Evaluation:
+    """One rule evaluated, for logs and `relayproxy test-message`."""
+
+    name: str
+    stage: str
+    hit: bool | None  # None: unknown (a DNS error)
+    action: str  # what it did: its action, "monitor", or "" when it did not hit
+    score: float = 0.0
+
+
+@dataclass(slots=True)
+class _Scores:
+    score: float = 0.0
+    names: list[str] = field(default_factory=list)
+    monitor_score: float = 0.0
+
+    def add(self, rule: Rule, monitor: bool) -> None:
+        if monitor:
+            self.monitor_score += rule.score
+        else:
+            self.score += rule.score
+            self.names.append(rule.name)
+
+    def copy(self) -> _Scores:
+        return _Scores(self.score, list(self.names), self.monitor_score)
+
+
+@dataclass(slots=True)
+class _SessionState:
+    dnsbl: dict[str, asyncio.Future[DnsblAnswer]] = field(default_factory=dict)
+    country: str | None = None
+    rdns: str | None = None
+    rdns_known: bool = False
+    accepted: bool = False
+    connect: _Scores = field(default_factory=_Scores)
+    helo: _Scores = field(default_factory=_Scores)  # reset at each HELO/EHLO
+    pending: Verdict | None = None  # deferred from connect
+    helo_pending: Verdict | None = None
+    hits: list[str] = field(default_factory=list)
+    helo_hits: list[str] = field(default_factory=list)
+    headers: list[bytes] = field(default_factory=list)  # add_header from connect/helo
+    trace: list[Evaluation] | None = None
+
+
+@dataclass(slots=True)
+class _TxState:
+    scores: _Scores
+    accepted: bool = False
+    pending: Verdict | None = None  # deferred from connect, helo or mail
+    hits: list[str] = field(default_factory=list)
+    headers: list[bytes] = field(default_factory=list)
+    mime: MimeScanner | None = None
+
+
+class _Body(BodyObserver):
+    def __init__(self, scanner: MimeScanner) -> None:
+        self.scanner = scanner
+
+    async def feed(self, chunk: bytes) -> None:
+        self.scanner.feed(chunk)
+
+
+def _at_rcpt(verdict: Verdict) -> Verdict:
+    """A connect-stage refusal answered at RCPT: 554 and 421 are for greetings (RFC 5321 3.1,
+    3.8), a recipient gets 550 or 451 and the session goes on."""
+    code = {554: 550, 421: 451}.get(verdict.code or 0, verdict.code)
+    return dataclasses.replace(verdict, code=code)
+
+
+class RulesCheck(Check):
+    name = "rules"
+
+    def __init__(self, ruleset: RuleSet, settings: Settings, dnsbl: Dnsbl | None,
+                 countries: CountryDB | None = None, trace: bool = False) -> None:
+        self.ruleset = ruleset
+        self.settings = settings
+        self.dnsbl = dnsbl
+        self.countries = countries
+        self.trace = trace
+        self.by_stage = {stage: ruleset.at(stage) for stage in Stage}
+        self.zones = {z.zone: z for r in ruleset.rules for z in r.dnsbl_zones}
+        self.needs_rdns = any(r.needs_rdns for r in ruleset.rules)
+        self.needs_country = any(r.needs_country for r in ruleset.rules)
+        self.reads_body = any(r.reads_body for r in self.by_stage[Stage.DATA])
+        exempt = [e.lower() for e in settings.exempt_recipients]
+        self.exempt_locals = frozenset(e for e in exempt if "@" not in e)
+        self.exempt_addresses = frozenset(e for e in exempt if "@" in e)
+        needs = {Need.HEADERS}
+        if self.reads_body:
+            needs.add(Need.BODY)
+        if any(r.action == "add_header" for r in self.by_stage[Stage.DATA]):
+            needs.add(Need.END_HEADERS)  # the field goes on top of a held message only
+        self.needs = frozenset(needs)
+        for rule in ruleset.rules:
+            metrics.RULE_HITS.labels(rule.name, rule.action)
+            metrics.RULE_HITS.labels(rule.name, "monitor")
+
+    # state
+
+    def _session(self, session: SessionInfo) -> _SessionState:
+        state = session.facts.get(_KEY)
+        if state is None:
+            state = session.facts[_KEY] = _SessionState(trace=[] if self.trace else None)
+        assert isinstance(state, _SessionState)
+        return state
+
+    def _tx(self, session: SessionInfo, envelope: Envelope) -> _TxState:
+        tx = envelope.facts.get(_KEY)
+        if tx is None:
+            s = self._session(session)
+            scores = s.connect.copy()
+            scores.score += s.helo.score
+            scores.names += s.helo.names
+            scores.monitor_score += s.helo.monitor_score
+            tx = envelope.facts[_KEY] = _TxState(scores, pending=s.pending or s.helo_pending,
+                                                 hits=[*s.hits, *s.helo_hits],
+                                                 headers=list(s.headers))
+        assert isinstance(tx, _TxState)
+        return tx
+
+    # facts
+
+    async def _facts(self, session: SessionInfo, rules: tuple[Rule, ...]) -> Facts:
+        s = self._session(session)
+        try:
+            addr: Any = ipaddress.ip_address(session.client_ip)
+        except ValueError:
+            addr = None
+        facts = Facts(session.client_ip, addr, self.settings.hostname, helo=session.helo,
+                      country=s.country)
+        zones = {z.zone for r in rules for z in r.dnsbl_zones}
+        need_rdns = any(r.needs_rdns for r in rules)
+        if zones or need_rdns:
+            try:
+                async with asyncio.timeout(self.settings.check_timeout):
+                    if need_rdns and not s.rdns_known:
+                        s.rdns = await self._rdns(session)
+                        s.rdns_known = True
+                    for zone in zones:
+                        answer = await asyncio.shield(s.dnsbl[zone])
+                        facts.dnsbl[zone] = (None if answer.listing is Listing.ERROR
+                                             else answer.listing is Listing.LISTED)
+            except TimeoutError:
+                log.warning("session %s: rules facts timed out after %.1fs",
+                            session.session_id, self.settings.check_timeout)
+        facts.rdns = s.rdns if s.rdns_known else None
+        return facts
+
+    async def _rdns(self, session: SessionInfo) -> str | None:
+        if session.name_lookup is None:
+            return ""
+        name = await session.name_lookup()
+        if name == "[TEMPUNAVAIL]":
+            return None
+        return "" if name.startswith("[") else name
+
+    # evaluation
+
+    def _run(self, stage: Stage, rules: tuple[Rule, ...], facts: Facts, s: _SessionState,
+             scores: _Scores, hits: list[str], headers: list[bytes] | None
+             ) -> tuple[Verdict | None, bool]:
+        """Evaluate rules in order: (refusal, accepted). Scores and hits are updated."""
+        global_monitor = self.settings.mode == "monitor"
+        for rule in rules:
+            result = rule.test(facts)
+            monitor = global_monitor or rule.monitor
+            verdict: Verdict | None = None
+            if result is None and rule.on_dns_error == "tempfail":
+                action = "monitor" if monitor else "tempfail"
+                if not monitor:
+                    verdict = Verdict(Action.TEMPFAIL, f"Temporary DNS failure in policy "
+                                      f"({rule.name}), try again later",
+                                      421 if stage == Stage.CONNECT else 451, "4.7.1",
+                                      source="rule", check=rule.name, defer=rule.defer)
+            elif not result:
+                action = ""
+            else:
+                action = "monitor" if monitor else rule.action
+            if s.trace is not None:
+                s.trace.append(Evaluation(rule.name, stage.label, result, action,
+                                          rule.score if result else 0.0))
+            if not action:
+                continue
+            metrics.RULE_HITS.labels(rule.name, action).inc()
+            hits.append(rule.name if action != "monitor" else f"{rule.name}(monitor)")
+            if action == "score" or (monitor and rule.action == "score"):
+                scores.add(rule, monitor)
+            if monitor:
+                continue
+            if action == "accept":
+                return None, True
+            if action == "add_header" and headers is not None:
+                headers.append(rule.header)
+            if action in ("reject", "tempfail"):
+                verdict = verdict or self._refusal(rule, stage)
+            if verdict is not None:
+                return verdict, False
+        return None, False
+
+    def _refusal(self, rule: Rule, stage: Stage) -> Verdict:
+        if rule.reply is not None:
+            code, enhanced, text = rule.reply
+        elif rule.action == "reject":
+            code, enhanced = (554 if stage == Stage.CONNECT else 550), "5.7.1"
+            text = f"Rejected by policy ({rule.name})"
+        else:
+            code, enhanced = (421 if stage == Stage.CONNECT else 451), "4.7.1"
+            text = f"Temporarily rejected by policy ({rule.name}), try again later"
+        action = Action.REJECT if code >= 500 else Action.TEMPFAIL
+        return Verdict(action, text, code, enhanced, source="rule", check=rule.name,
+                       defer=rule.defer)
+
+    def _threshold(self, scores: _Scores, stage: Stage) -> Verdict | None:
+        st = self.settings
+        names = ", ".join(scores.names)
+        if st.reject_score and scores.score >= st.reject_score:
+            return Verdict(Action.REJECT, f"Rejected by policy ({names})",
+                           554 if stage == Stage.CONNECT else 550, "5.7.1", source="rule",
+                           check="score", defer=True)
+        if st.tempfail_score and scores.score >= st.tempfail_score:
+            return Verdict(Action.TEMPFAIL, f"Temporarily rejected by policy ({names}), "
+                           "try again later", 421 if stage == Stage.CONNECT else 451, "4.7.1",
+                           source="rule", check="score", defer=True)
+        return None
+
+    # the stages
+
+    async def on_connect(self, session: SessionInfo) -> Verdict | None:
+        s = self._session(session)
+        if self.dnsbl is not None:
+            for zone in self.zones.values():  # all zones at once, awaited when needed
+                s.dnsbl[zone.zone] = self.dnsbl.lookup(session.client_ip, zone)
+        if self.needs_country and self.countries is not None:
+            s.country = self.countries.country(session.client_ip)
+        rules = self.by_stage[Stage.CONNECT]
+        if not rules:
+            return None
+        facts = await self._facts(session, rules)
+        verdict, s.accepted = self._run(Stage.CONNECT, rules, facts, s, s.connect, s.hits,
+                                        s.headers)
+        verdict = verdict or (None if s.accepted else self._threshold(s.connect, Stage.CONNECT))
+        if verdict is not None and verdict.defer:
+            s.pending = _at_rcpt(verdict)
+            return None
+        return verdict
+
+    async def on_helo(self, session: SessionInfo) -> Verdict | None:
+        s = self._session(session)
+        s.helo, s.helo_hits, s.helo_pending = _Scores(), [], None  # a new HELO starts over
+        rules = self.by_stage[Stage.HELO]
+        if s.accepted or not rules:
+            return None
+        facts = await self._facts(session, rules)
+        verdict, s.accepted = self._run(Stage.HELO, rules, facts, s, s.helo, s.helo_hits,
+                                        s.headers)
+        if verdict is None and not s.accepted:
+            both = s.connect.copy()
+            both.score += s.helo.score
+            both.names += s.helo.names
+            verdict = self._threshold(both, Stage.HELO)
+        if verdict is not None and verdict.defer:
+            s.helo_pending = verdict
+            return None
+        return verdict
+
+    async def on_mail(self, session: SessionInfo, envelope: Envelope) -> Verdict | None:
+        s = self._session(session)
+        tx = self._tx(session, envelope)
+        rules = self.by_stage[Stage.MAIL]
+        if s.accepted or not rules:
+            self._log(envelope, tx)
+            return None
+        facts = await self._facts(session, rules)
+        facts.sender = envelope.sender
+        verdict, tx.accepted = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
+                                         tx.headers)
+        verdict = verdict or (None if tx.accepted else self._threshold(tx.scores, Stage.MAIL))
+        self._log(envelope, tx)
+        if verdict is not None and verdict.defer:
+            tx.pending = tx.pending or verdict
+            return None
+        return verdict
+
+    def _exempt(self, recipient: str) -> bool:
+        local = recipient.rpartition("@")[0] if "@" in recipient else recipient
+        return (local.lower().strip('"') in self.exempt_locals
+                or recipient.lower() in self.exempt_addresses)
+
+    async def on_rcpt(
+        self, session: SessionInfo, envelope: Envelope, recipient: str
+    ) -> Verdict | None:
+        s = self._session(session)
+        tx = self._tx(session, envelope)
+        if s.accepted or tx.accepted:
+            return None
+        if tx.pending is not None and not self._exempt(recipient):
+            return tx.pending
+        rules = self.by_stage[Stage.RCPT]
+        if not rules:
+            return None
+        facts = await self._facts(session, rules)
+        facts.sender, facts.recipient = envelope.sender, recipient
+        facts.recipients = envelope.recipients
+        scores = tx.scores.copy()  # a recipient's rules decide for that recipient only
+        hits: list[str] = []
+        verdict, _ = self._run(Stage.RCPT, rules, facts, s, scores, hits, tx.headers)
+        verdict = verdict or self._threshold(scores, Stage.RCPT)
+        tx.hits += [h for h in hits if h not in tx.hits]
+        if verdict is None or self._exempt(recipient):
+            return None
+        return verdict
+
+    async def on_headers(
+        self, session: SessionInfo, envelope: Envelope, headers: HeaderSection
+    ) -> Verdict | None:
+        s = self._session(session)
+        tx = self._tx(session, envelope)
+        verdict = None
+        if self.reads_body:
+            tx.mime = MimeScanner(headers.get("Content-Type"),
+                                  headers.get("Content-Transfer-Encoding"),
+                                  self.settings.body_scan_bytes)
+        rules = self.by_stage[Stage.HEADERS]
+        if rules and not (s.accepted or tx.accepted or tx.pending):
+            facts = await self._facts(session, rules)
+            self._envelope_facts(facts, envelope, headers)
+            verdict, tx.accepted = self._run(Stage.HEADERS, rules, facts, s, tx.scores,
+                                             tx.hits, tx.headers)
+            verdict = verdict or (None if tx.accepted else
+                                  self._threshold(tx.scores, Stage.HEADERS))
+            self._log(envelope, tx)
+        for header in reversed(tx.headers):
+            headers.prepend_raw(header)
+        tx.headers.clear()
+        return verdict
+
+    def body_observer(self, session: SessionInfo, envelope: Envelope) -> BodyObserver | None:
+        if not self.reads_body:
+            return None
+        tx = self._tx(session, envelope)
+        return _Body(tx.mime) if tx.mime is not None else None
+
+    def _envelope_facts(self, facts: Facts, envelope: Envelope,
+                        headers: HeaderSection | None) -> None:
+        facts.sender = envelope.sender
+        facts.recipients = envelope.recipients
+        facts.headers = headers
+
+    async def on_data_end(
+        self, session: SessionInfo, envelope: Envelope, message: MessageInfo
+    ) -> Verdict | None:
+        s = self._session(session)
+        tx = self._tx(session, envelope)
+        rules = self.by_stage[Stage.DATA]
+        # pending: a refusal from before RCPT that only exempt recipients got past; their
+        # mail (abuse reports quote spam) is not refused now
+        if not rules or s.accepted or tx.accepted or tx.pending:
+            return None
+        facts = await self._facts(session, rules)
+        self._envelope_facts(facts, envelope, message.headers)
+        facts.size = message.size
+        if tx.mime is not None:
+            tx.mime.close()
+            facts.body = tx.mime.text
+            facts.attachments = [(p.filename, p.content_type) for p in tx.mime.attachments]
+            facts.part_types = [p.content_type for p in tx.mime.parts]
+        added: list[bytes] = []
+        verdict, tx.accepted = self._run(Stage.DATA, rules, facts, s, tx.scores, tx.hits, added)
+        verdict = verdict or (None if tx.accepted else self._threshold(tx.scores, Stage.DATA))
+        if verdict is None and added and message.headers is not None:
+            if message.headers_sent:
+                log.info("session %s: add_header too late for a message larger than "
+                         "server.hold_bytes: %s", session.session_id, b", ".join(added))
+            else:
+                for header in reversed(added):
+                    message.headers.prepend_raw(header)
+        self._log(envelope, tx)
+        return verdict
+
+    def _log(self, envelope: Envelope, tx: _TxState) -> None:
+        if tx.hits:
+            envelope.log_fields["rules"] = ",".join(tx.hits)
+        if tx.scores.score or tx.scores.monitor_score:
+            envelope.log_fields["score"] = f"{tx.scores.score:g}"
+            if tx.scores.monitor_score:
+                envelope.log_fields["monitor_score"] = f"{tx.scores.monitor_score:g}"
+
+    def trace_of(self, session: SessionInfo) -> list[Evaluation]:
+        state = session.facts.get(_KEY)
+        return list(state.trace or []) if isinstance(state, _SessionState) else []

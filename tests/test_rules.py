@@ -1,0 +1,212 @@
+"""Rule files: loading and validation (errors name the file, the rule and the key), and each
+condition evaluated on the facts it reads. End-to-end behaviour is in test_rules_e2e.py."""
+
+from __future__ import annotations
+
+import ipaddress
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relayproxy.headers import HeaderSection
+from relayproxy.policy.rules import Facts, RuleError, RuleSet, Stage, load_rules
+
+
+def _load(tmp_path: Path, text: str, name: str = "test.toml", **kwargs: Any) -> RuleSet:
+    (tmp_path / name).write_text(textwrap.dedent(text))
+    return load_rules([name], tmp_path, **kwargs)
+
+
+def _facts(**values: Any) -> Facts:
+    ip = values.pop("client_ip", "192.0.2.10")
+    return Facts(ip, ipaddress.ip_address(ip), values.pop("hostname", "mx.example.com"),
+                 **values)
+
+
+def _one(tmp_path: Path, match: str, stage: str = "") -> Any:
+    stage_line = f'stage = "{stage}"\n' if stage else ""
+    ruleset = _load(tmp_path, f'[[rule]]\nname = "r"\n{stage_line}{match}\n')
+    (rule,) = ruleset.rules
+    return rule
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def test_error_names_file_rule_and_key(tmp_path: Path) -> None:
+    with pytest.raises(RuleError) as info:
+        _load(tmp_path, """
+            [[rule]]
+            name = "fine"
+            match.helo = "x"
+
+            [[rule]]
+            name = "broken"
+            match.hleo = "typo"
+        """)
+    text = str(info.value)
+    assert "test.toml" in text and "'broken'" in text and "hleo" in text, text
+
+
+@pytest.mark.parametrize("body, expected", [
+    ('[[rule]]\nname = "r"\nmatch.helo = "(unclosed"\n', "match.helo: invalid regex"),
+    ('[[rule]]\nname = "r"\nstage = "connect"\nmatch.sender = "x"\n', "not known at stage"),
+    ('[[rule]]\nname = "r"\nmatch.helo = "x"\nreply = "450 4.7.1 no"\n', "needs a 5xx"),
+    ('[[rule]]\nname = "r"\nmatch.helo = "x"\nreply = "550 4.7.1 mixed"\n', "same class"),
+    ('[[rule]]\nname = "r"\nmatch.helo = "x"\naction = "score"\n', "non-zero score"),
+    ('[[rule]]\nname = "r"\naction = "add_header"\nheader = "no colon"\n', "Name: value"),
+    ('[[rule]]\nname = "r"\naction = "explode"\n', "action"),
+    ('[[rule]]\nname = "r"\nmatch.client_ip = ["300.1.1.1"]\n', "not an address"),
+    ('[[rule]]\nname = "r"\nmatch.country = ["DE"]\n', "needs rules.country_db"),
+    ('[[rule]]\nname = "a b"\n', "name"),
+    ('[[rule]]\nname = "r"\nmatch.dnsbl = { zone = "z.test", codes = ["nope"] }\n', "dnsbl"),
+    ('[[rule]]\nname = "r"\nmatch.sender_domain = "missing.list"\n', "cannot read"),
+])
+def test_invalid_rules_refused(tmp_path: Path, body: str, expected: str) -> None:
+    with pytest.raises(RuleError) as info:
+        _load(tmp_path, body)
+    assert expected in str(info.value), info.value
+    assert "test.toml" in str(info.value)
+
+
+def test_duplicate_names_across_files_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text('[[rule]]\nname = "same"\nmatch.helo = "a"\n')
+    (tmp_path / "b.toml").write_text('[[rule]]\nname = "same"\nmatch.helo = "b"\n')
+    with pytest.raises(RuleError, match="already used"):
+        load_rules(["*.toml"], tmp_path)
+
+
+def test_globs_load_in_order_and_a_missing_plain_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "10-a.toml").write_text('[[rule]]\nname = "a"\nmatch.helo = "a"\n')
+    (tmp_path / "20-b.toml").write_text('[[rule]]\nname = "b"\nmatch.helo = "b"\n')
+    ruleset = load_rules(["*.toml"], tmp_path)
+    assert [r.name for r in ruleset.rules] == ["a", "b"]
+    with pytest.raises(RuleError, match="no such file"):
+        load_rules(["absent.toml"], tmp_path)
+
+
+def test_stage_is_inferred_and_data_rules_on_headers_run_early(tmp_path: Path) -> None:
+    ruleset = _load(tmp_path, """
+        [[rule]]
+        name = "ip"
+        match.client_ip = "192.0.2.0/24"
+        [[rule]]
+        name = "rcpt"
+        match.recipient = "x"
+        [[rule]]
+        name = "subject"
+        stage = "data"
+        match.header.subject = "x"
+        [[rule]]
+        name = "body"
+        match.body = "x"
+    """)
+    assert [(r.name, r.stage) for r in ruleset.rules] == [
+        ("ip", Stage.CONNECT), ("rcpt", Stage.RCPT), ("subject", Stage.HEADERS),
+        ("body", Stage.DATA)]
+
+
+# ---------------------------------------------------------------------- conditions
+
+
+def test_client_ip_and_file(tmp_path: Path) -> None:
+    (tmp_path / "nets.txt").write_text("# comment\n198.51.100.0/24\n2001:db8::/32  # v6\n")
+    rule = _one(tmp_path, 'match.client_ip = "192.0.2.7"\nmatch.any = [{ client_ip_file = '
+                          '"nets.txt" }, { client_ip = "192.0.2.7" }]')
+    assert rule.test(_facts(client_ip="192.0.2.7")) is True
+    assert rule.test(_facts(client_ip="192.0.2.8")) is False
+    rule = _one(tmp_path, 'match.client_ip_file = "nets.txt"')
+    assert rule.test(_facts(client_ip="198.51.100.200")) is True
+    assert rule.test(_facts(client_ip="2001:db8:1::5")) is True
+    assert rule.test(_facts(client_ip="203.0.113.1")) is False
+
+
+def test_rdns_and_fcrdns_are_unknown_on_dns_errors(tmp_path: Path) -> None:
+    rule = _one(tmp_path, 'match.fcrdns = false')
+    assert rule.test(_facts(rdns="")) is True
+    assert rule.test(_facts(rdns="mx.example.org")) is False
+    assert rule.test(_facts(rdns=None)) is None
+    rule = _one(tmp_path, r"match.rdns = '(?i)\.dynamic\.'")
+    assert rule.test(_facts(rdns="host-1.dynamic.isp.test")) is True
+    assert rule.test(_facts(rdns="")) is False
+
+
+@pytest.mark.parametrize("helo, fqdn, literal, mismatch", [
+    ("mail.example.org", True, False, False),
+    ("localhost", False, False, False),
+    ("[192.0.2.10]", False, True, False),  # the client's own address
+    ("[192.0.2.99]", False, True, True),  # someone else's
+    ("192.0.2.99", False, True, True),
+    ("[IPv6:2001:db8::1]", False, True, True),
+    ("mx.example.com", True, False, True),  # claims to be us
+    ("MX.EXAMPLE.COM.", True, False, True),
+])
+def test_helo_conditions(tmp_path: Path, helo: str, fqdn: bool, literal: bool,
+                         mismatch: bool) -> None:
+    facts = _facts(helo=helo)
+    assert _one(tmp_path, "match.helo_fqdn = true").test(facts) is fqdn
+    assert _one(tmp_path, "match.helo_is_ip_literal = true").test(facts) is literal
+    assert _one(tmp_path, "match.helo_mismatch = true").test(facts) is mismatch
+
+
+def test_sender_conditions(tmp_path: Path) -> None:
+    (tmp_path / "bad.list").write_text("spam.example\n.bulk.example\n")
+    assert _one(tmp_path, "match.null_sender = true").test(_facts(sender="")) is True
+    assert _one(tmp_path, "match.null_sender = true").test(_facts(sender="a@b.c")) is False
+    rule = _one(tmp_path, 'match.sender_domain = "bad.list"')
+    assert rule.test(_facts(sender="x@spam.example")) is True
+    assert rule.test(_facts(sender="x@mail.bulk.example")) is True
+    assert rule.test(_facts(sender="x@bulk.example")) is False
+    assert rule.test(_facts(sender="")) is False
+    rule = _one(tmp_path, 'match.sender_domain = ["bücher.example"]')
+    assert rule.test(_facts(sender="x@xn--bcher-kva.example")) is True
+    rule = _one(tmp_path, r'match.sender = "^billing@"')
+    assert rule.test(_facts(sender="billing@bank.example")) is True
+
+
+def test_recipient_conditions(tmp_path: Path) -> None:
+    rule = _one(tmp_path, 'match.recipient = "^sales@"')
+    assert rule.test(_facts(recipient="sales@example.com")) is True
+    assert rule.test(_facts(recipients=["a@x", "sales@example.com"])) is True  # at data
+    rule = _one(tmp_path, "match.recipients_over = 2")
+    assert rule.test(_facts(recipients=["a", "b"], recipient="c")) is True
+    assert rule.test(_facts(recipients=["a"], recipient="b")) is False
+
+
+def test_header_conditions_decode_and_absent_never_matches(tmp_path: Path) -> None:
+    headers = HeaderSection.parse(
+        b"Subject: =?utf-8?b?R3Jvw59lciBHZXdpbm4=?=\r\nX-Mailer: bulk 1.0\r\n")
+    rule = _one(tmp_path, 'match.header.SUBJECT = "Großer Gewinn"')
+    assert rule.test(_facts(headers=headers)) is True
+    assert _one(tmp_path, 'match.header.x-absent = ".*"').test(_facts(headers=headers)) is False
+    rule = _one(tmp_path, 'match.header_absent = ["Date", "Subject"]')
+    assert rule.test(_facts(headers=headers)) is True
+    rule = _one(tmp_path, 'match.header_absent = ["Subject"]')
+    assert rule.test(_facts(headers=headers)) is False
+
+
+def test_message_conditions(tmp_path: Path) -> None:
+    rule = _one(tmp_path, 'match.body = "(?i)viagra"')
+    assert rule.test(_facts(body="Buy VIAGRA now")) is True
+    assert _one(tmp_path, "match.size_over = 100").test(_facts(size=101)) is True
+    assert _one(tmp_path, "match.size_over = 100").test(_facts(size=100)) is False
+    rule = _one(tmp_path, r"match.attachment_name = '(?i)\.(exe|scr|js)$'")
+    assert rule.test(_facts(attachments=[("invoice.pdf.EXE", "application/octet-stream")]))
+    assert not rule.test(_facts(attachments=[("invoice.pdf", "application/pdf")]))
+    rule = _one(tmp_path, 'match.attachment_type = "^application/x-msdownload$"')
+    assert rule.test(_facts(part_types=["text/plain", "application/x-msdownload"]))
+
+
+def test_dnsbl_any_not_and_three_valued_logic(tmp_path: Path) -> None:
+    rule = _one(tmp_path, 'match.dnsbl = "zen.test"\nmatch.not = { client_ip = "192.0.2.0/24" }')
+    assert rule.test(_facts(client_ip="203.0.113.5", dnsbl={"zen.test": True})) is True
+    assert rule.test(_facts(client_ip="192.0.2.5", dnsbl={"zen.test": True})) is False
+    assert rule.test(_facts(client_ip="203.0.113.5", dnsbl={"zen.test": None})) is None
+    assert rule.test(_facts(client_ip="192.0.2.5", dnsbl={"zen.test": None})) is False
+    rule = _one(tmp_path, 'match.any = [{ dnsbl = "a.test" }, { dnsbl = "b.test" }]')
+    assert rule.test(_facts(dnsbl={"a.test": None, "b.test": True})) is True
+    assert rule.test(_facts(dnsbl={"a.test": None, "b.test": False})) is None
+    assert rule.test(_facts(dnsbl={"a.test": False, "b.test": False})) is False
+    assert {z.zone for z in rule.dnsbl_zones} == {"a.test", "b.test"}

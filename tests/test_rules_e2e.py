@@ -1,0 +1,415 @@
+"""The rules engine end to end: through the real proxy, to a scripted downstream or the real
+Postfix, with a DNS server on loopback for DNSBL and reverse DNS."""
+
+from __future__ import annotations
+
+import base64
+import signal
+import textwrap
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.dns import DnsServer
+from support.postfix import PostfixInstance
+from support.proxy import ProxyProcess, base_config, check_config
+from support.scripted import ScriptedDownstream
+from support.smtpclient import RawSMTP, Reply, data_payload
+from support.wait import wait_until
+
+ProxyFactory = Callable[..., ProxyProcess]
+ScriptedFactory = Callable[..., ScriptedDownstream]
+
+
+def _rules_proxy(factory: ProxyFactory, tmp_path: Path, downstream_port: int, rules: str,
+                 rules_config: dict[str, Any] | None = None, wait_ready: bool = True,
+                 **overrides: Any) -> ProxyProcess:
+    folder = tmp_path / "rules"
+    folder.mkdir(exist_ok=True)
+    (folder / "test.toml").write_text(textwrap.dedent(rules))
+    config = base_config(downstream_port, rules={
+        "files": [str(folder / "*.toml")], **(rules_config or {})}, **overrides)
+    return factory(config, wait_ready=wait_ready)
+
+
+def _transaction(proxy: ProxyProcess, helo: str = "client.example.org",
+                 sender: str = "s@example.org", rcpts: tuple[str, ...] = ("alice@relay.test",),
+                 body: bytes | None = None) -> dict[str, Any]:
+    """One transaction; returns each reply by stage ("rcpt" is a list)."""
+    out: dict[str, Any] = {"rcpt": []}
+    with RawSMTP(timeout=20) as client:
+        client.connect(proxy.host, proxy.port)
+        out["greeting"] = client.greeting
+        out["helo"] = client.ehlo(helo)
+        out["mail"] = client.cmd(f"MAIL FROM:<{sender}>")
+        for rcpt in rcpts:
+            out["rcpt"].append(client.cmd(f"RCPT TO:<{rcpt}>"))
+        if body is not None and any(r.code == 250 for r in out["rcpt"]):
+            assert client.cmd("DATA").code == 354
+            client.send(data_payload(body))
+            out["dot"] = client.read_reply()
+        client.cmd("QUIT")
+    return out
+
+
+def _code(reply: Reply) -> tuple[int, str | None]:
+    return reply.code, reply.enhanced
+
+
+MESSAGE = b"From: a@example.org\r\nDate: Mon, 1 Dec 2026 10:00:00 +0000\r\n" \
+          b"Message-ID: <1@example.org>\r\nSubject: hello\r\n\r\nhello\r\n"
+
+
+# ---------------------------------------------------------------------- stages and deferral
+
+
+def test_helo_rule_deferred_to_rcpt_and_exempt_recipients_pass(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "helo-claims-to-be-us"
+        stage = "helo"
+        match.helo = '(?i)^proxy\\.test$'
+        reply = "550 5.7.1 You are not me"
+    """)
+    out = _transaction(proxy, helo="proxy.test",
+                       rcpts=("alice@relay.test", "postmaster@relay.test", "abuse@relay.test"),
+                       body=MESSAGE)
+    assert out["helo"].code == 250 and out["mail"].code == 250  # deferred to RCPT
+    assert [(r.code, r.text) for r in out["rcpt"]] == [
+        (550, "5.7.1 You are not me"), (250, "2.1.5 Ok"), (250, "2.1.5 Ok")]
+    assert out["dot"].code == 250
+    (message,) = server.wait_for_messages(1)
+    assert b"hello" in message
+    assert proxy.metric("relayproxy_rule_hits_total",
+                        {"rule": "helo-claims-to-be-us", "action": "reject"}) == 1
+    assert proxy.metric("relayproxy_rejections_total",
+                        {"stage": "rcpt", "code_class": "5xx", "source": "rule"}) == 1
+    (line,) = proxy.wait_for_transactions(1)
+    assert line["rules"] == "helo-claims-to-be-us", line
+
+
+def test_defer_false_answers_at_once(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "no-localhost"
+        match.helo = "^localhost$"
+        defer = false
+    """)
+    out = _transaction(proxy, helo="localhost")
+    assert _code(out["helo"]) == (550, "5.7.1"), out["helo"]
+    assert "no-localhost" in out["helo"].text
+    assert out["mail"].code == 503  # no HELO accepted
+    assert server.connections == 0, server.describe()
+
+
+def test_rule_refused_session_opens_no_downstream_connection(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "blocked-sender"
+        match.sender = "@spam\\\\.example$"
+    """)
+    out = _transaction(proxy, sender="x@spam.example", rcpts=("alice@relay.test", "bob@relay.test"))
+    assert [_code(r) for r in out["rcpt"]] == [(550, "5.7.1")] * 2
+    assert server.connections == 0, server.describe()
+
+
+def test_connect_reject_without_defer_closes_with_554(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "loopback-banned"
+        match.client_ip = "127.0.0.0/8"
+        defer = false
+    """, wait_ready=False)
+
+    def greeting() -> Reply | None:
+        try:
+            with RawSMTP() as client:
+                client.connect(proxy.host, proxy.port)
+                return client.greeting
+        except OSError:
+            return None  # not listening yet
+
+    reply = wait_until(greeting, "the proxy's first answer", 15)
+    assert _code(reply) == (554, "5.7.1"), reply
+    assert "loopback-banned" in reply.text
+    assert server.connections == 0
+
+
+# ---------------------------------------------------------------------- scores, accept, monitor
+
+
+SCORING = """
+    [[rule]]
+    name = "allow-partner"
+    match.sender_domain = ["partner.example"]
+    action = "accept"
+    scope = "transaction"
+
+    [[rule]]
+    name = "no-date"
+    match.header_absent = ["Date"]
+    action = "score"
+    score = 4
+
+    [[rule]]
+    name = "no-message-id"
+    match.header_absent = ["Message-ID"]
+    action = "score"
+    score = 4
+
+    [[rule]]
+    name = "shouting"
+    match.header.subject = "^[A-Z !]+$"
+    action = "score"
+    score = 3
+"""
+
+
+def test_scores_add_up_and_the_reply_names_the_rules(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, SCORING,
+                         rules_config={"reject_score": 10})
+    spam = b"From: a@example.org\r\nSubject: WIN NOW!\r\n\r\nx\r\n"
+    out = _transaction(proxy, body=spam)
+    assert _code(out["dot"]) == (550, "5.7.1"), out["dot"]
+    assert "(no-date, no-message-id, shouting)" in out["dot"].text, out["dot"]
+    # below the threshold: delivered, the log line carries the score
+    out = _transaction(proxy, body=b"From: a@example.org\r\nSubject: Hi\r\n\r\nx\r\n")
+    assert out["dot"].code == 250
+    lines = proxy.wait_for_transactions(2)
+    assert lines[-1]["score"] == "8" and lines[-1]["rules"] == "no-date,no-message-id"
+    # allowlisted sender: nothing else is evaluated
+    out = _transaction(proxy, sender="ceo@partner.example", body=spam)
+    assert out["dot"].code == 250
+    assert len(server.messages) == 2
+
+
+def test_tempfail_score(scripted: ScriptedFactory, proxy_factory: ProxyFactory,
+                        tmp_path: Path) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, SCORING,
+                         rules_config={"reject_score": 100, "tempfail_score": 7})
+    out = _transaction(proxy, body=b"Subject: Hi\r\n\r\nx\r\n")
+    assert _code(out["dot"]) == (451, "4.7.1"), out["dot"]
+    assert server.messages == []
+
+
+@pytest.mark.parametrize("where", ["global", "rule"])
+def test_monitor_mode_delivers_and_counts(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path, where: str
+) -> None:
+    server = scripted()
+    rule_monitor = "monitor = true" if where == "rule" else ""
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, f"""
+        [[rule]]
+        name = "everything"
+        match.helo = "."
+        {rule_monitor}
+        [[rule]]
+        name = "big-score"
+        match.helo = "."
+        action = "score"
+        score = 50
+        {rule_monitor}
+    """, rules_config={"mode": "monitor"} if where == "global" else None)
+    out = _transaction(proxy, body=MESSAGE)
+    assert [r.code for r in out["rcpt"]] == [250] and out["dot"].code == 250
+    server.wait_for_messages(1)
+    for rule in ("everything", "big-score"):
+        assert proxy.metric("relayproxy_rule_hits_total",
+                            {"rule": rule, "action": "monitor"}) == 1
+    assert proxy.metric("relayproxy_rule_hits_total",
+                        {"rule": "everything", "action": "reject"}) == 0
+    (line,) = proxy.wait_for_transactions(1)
+    assert line["rules"] == "everything(monitor),big-score(monitor)", line
+    assert line["monitor_score"] == "50", line
+
+
+# ---------------------------------------------------------------------- message rules
+
+
+def test_header_body_and_attachment_rules_refuse_at_end_of_data(
+    proxy_factory: ProxyFactory, mailboxes: PostfixInstance, tmp_path: Path
+) -> None:
+    proxy = _rules_proxy(proxy_factory, tmp_path, mailboxes.port, """
+        [[rule]]
+        name = "phrase"
+        match.body = "(?i)claim your prize"
+        [[rule]]
+        name = "executable"
+        match.attachment_name = '(?i)\\.(exe|scr)$'
+        reply = "554 5.7.1 Executable attachments are refused"
+    """)
+    text = base64.encodebytes(b"Hello,\nclaim YOUR prize today\n").replace(b"\n", b"\r\n")
+    encoded = (b"Subject: b64\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: base64\r\n\r\n" + text)
+    out = _transaction(proxy, body=encoded)
+    assert _code(out["dot"]) == (550, "5.7.1") and "phrase" in out["dot"].text, out["dot"]
+    boundary = uuid.uuid4().hex
+    attached = (
+        f"Subject: invoice\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; "
+        f"boundary=\"{boundary}\"\r\n\r\n--{boundary}\r\nContent-Type: text/plain\r\n\r\n"
+        f"see attached\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Disposition: attachment; filename=\"invoice.pdf.exe\"\r\n"
+        f"Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n--{boundary}--\r\n"
+    ).encode()
+    out = _transaction(proxy, body=attached)
+    assert out["dot"].raw == b"554 5.7.1 Executable attachments are refused\r\n", out["dot"]
+    good = _transaction(proxy, body=b"Subject: fine\r\n\r\nnothing to see\r\n")
+    assert good["dot"].code == 250
+    delivered = mailboxes.wait_for_deliveries(1, user="alice")
+    assert len(delivered) == 1 and b"nothing to see" in delivered[0]
+
+
+def test_add_header_from_an_early_stage_and_at_end_of_data(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "tag-loopback"
+        match.client_ip = "127.0.0.0/8"
+        action = "add_header"
+        header = "X-Policy: loopback client"
+        [[rule]]
+        name = "tag-big"
+        match.size_over = 10
+        action = "add_header"
+        header = "X-Policy-Size: over 10"
+    """)
+    assert _transaction(proxy, body=MESSAGE)["dot"].code == 250
+    (message,) = server.wait_for_messages(1)
+    head = message.split(b"\r\n\r\n", 1)[0]
+    assert head.count(b"X-Policy: loopback client\r\n") == 1, head
+    assert head.count(b"X-Policy-Size: over 10\r\n") == 1, head
+
+
+# ---------------------------------------------------------------------- DNS
+
+
+def test_dnsbl_and_fcrdns(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path,
+    dns_server: Callable[..., DnsServer],
+) -> None:
+    dns = dns_server(a={"1.0.0.127.zen.test": "127.0.0.2",
+                        "1.0.0.127.refusing.test": "127.255.255.254"})
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "dnsbl-zen"
+        match.dnsbl = { zone = "zen.test", codes = ["127.0.0.2-127.0.0.11"] }
+        action = "score"
+        score = 6
+        [[rule]]
+        name = "no-fcrdns"
+        match.fcrdns = false
+        action = "score"
+        score = 5
+        [[rule]]
+        name = "refusing-zone"
+        match.dnsbl = "refusing.test"
+        defer = false
+    """, server={"reverse_dns": True}, dns={"nameservers": [dns.nameserver], "timeout": 2})
+    out = _transaction(proxy)
+    (rcpt,) = out["rcpt"]
+    assert _code(rcpt) == (550, "5.7.1"), rcpt
+    assert "(dnsbl-zen, no-fcrdns)" in rcpt.text, rcpt
+    assert out["greeting"].code == 220  # the 127.255.255.254 answer is an error, not a listing
+    assert proxy.metric("relayproxy_rule_hits_total",
+                        {"rule": "refusing-zone", "action": "reject"}) == 0
+
+
+def test_dns_failure_skips_or_tempfails_by_rule(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    from support.ports import free_port
+
+    server = scripted()
+    dead_dns = f"127.0.0.1:{free_port()}"  # nothing answers there
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "listed-skip"
+        match.dnsbl = "zen.test"
+        [[rule]]
+        name = "listed-tempfail"
+        match.dnsbl = "zen.test"
+        on_dns_error = "tempfail"
+    """, dns={"nameservers": [dead_dns], "timeout": 0.5})
+    out = _transaction(proxy)
+    (rcpt,) = out["rcpt"]
+    assert _code(rcpt) == (451, "4.7.1"), rcpt
+    assert "listed-tempfail" in rcpt.text
+
+
+# ---------------------------------------------------------------------- reload and config
+
+
+def test_reload_valid_and_broken_rules(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "first"
+        match.helo = "^first\\\\.test$"
+    """)
+    rules_file = tmp_path / "rules" / "test.toml"
+    assert _transaction(proxy, helo="first.test")["rcpt"][0].code == 550
+    rules_file.write_text('[[rule]]\nname = "second"\nmatch.helo = \'^second\\.test$\'\n')
+    proxy.send_signal(signal.SIGHUP)
+    wait_until(lambda: _transaction(proxy, helo="second.test")["rcpt"][0].code == 550,
+               "the reloaded rule to refuse", 10)
+    assert _transaction(proxy, helo="first.test")["rcpt"][0].code == 250
+    rules_file.write_text('[[rule]]\nname = "broken"\nmatch.hleo = "x"\n')
+    proxy.send_signal(signal.SIGHUP)
+    logged = proxy.wait_for_log("reload failed")
+    assert "test.toml" in logged and "'broken'" in logged and "hleo" in logged, logged
+    assert _transaction(proxy, helo="second.test")["rcpt"][0].code == 550  # old rules run
+
+
+def test_check_config_validates_rule_files(tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text('[[rule]]\nname = "r"\nstage = "mail"\n'
+                                       'match.body = "x"\n')
+    result = check_config(base_config(1, rules={"files": [str(tmp_path / "bad.toml")]}))
+    assert result.returncode == 2, result
+    assert "bad.toml" in result.stderr and "'r'" in result.stderr and "body" in result.stderr
+
+
+# ---------------------------------------------------------------------- early talker
+
+
+def test_greet_delay_refuses_early_talkers(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory
+) -> None:
+    server = scripted()
+    proxy = proxy_factory(base_config(server.port, server={"greet_delay": 1.0}),
+                          wait_ready=False)
+    proxy.wait_ready()
+    import socket
+
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        sock.sendall(b"EHLO impatient.test\r\n")
+        reply = sock.recv(1024)
+    assert reply.startswith(b"554 5.5.1 "), reply
+    with RawSMTP() as client:  # a patient client is greeted after the delay
+        client.connect(proxy.host, proxy.port)
+        assert client.greeting.code == 220
+        assert client.ehlo("patient.test").code == 250
+        client.cmd("QUIT")
+    assert proxy.metric("relayproxy_protocol_errors_total", {"kind": "pregreet"}) == 1
