@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 
 from .checks import BodyObserver, Envelope, MessageInfo, Pipeline, SessionInfo
-from .checks.base import check_failed
+from .checks.base import check_failed, guarded
 from .config import ServerConfig
 from .connection import ClientConnection
 from .dotreader import DotReader, Unstuffer
@@ -180,7 +180,8 @@ class MessageStream:
     async def _observe(self, body: bytes) -> None:
         for name, observer in self._observers:
             try:
-                await observer.feed(body)
+                async with asyncio.timeout(self.pipeline.deadline):
+                    await observer.feed(body)
             except Exception as exc:
                 # its failure policy decides (a tempfail here); the data is still read to its end
                 self.verdict = check_failed(name, "body", exc)
@@ -232,13 +233,11 @@ class MessageStream:
             # the limits refuse it; nobody else needs to be asked
             return await self.pipeline.data_end(self.session, self.envelope, self.info)
         observers, self._observers = self._observers, []
-        verdicts = await asyncio.gather(*(o.end(self.info) for _, o in observers),
-                                        return_exceptions=True)
-        for (name, _), verdict in zip(observers, verdicts, strict=True):
-            if isinstance(verdict, BaseException):
-                if isinstance(verdict, asyncio.CancelledError):
-                    raise verdict
-                return check_failed(name, "data", verdict)
+        # in parallel: a scanner's verdict may take a while, and each has its deadline
+        verdicts = await asyncio.gather(*(
+            guarded(name, "data", o.end(self.info), self.pipeline.deadline)
+            for name, o in observers))
+        for verdict in verdicts:
             if verdict is not None:
                 return verdict
         return await self.pipeline.data_end(self.session, self.envelope, self.info)

@@ -92,5 +92,8 @@ def build_pipeline(config: Config, services: Services, trace: bool = False) -> P
             MessageFormat(),
             *policy_checks(config, services, trace),
             *(load_check(spec) for spec in config.plugins.checks),
-        ]
+        ],
+        # past this a check's silence is its failure (451 4.3.0); the rules engine itself
+        # gives up on slow DNS at rules.check_timeout, before this ever fires
+        deadline=config.rules.check_timeout + 5,
     )

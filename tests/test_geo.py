@@ -8,15 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mmdb_writer import MMDBWriter
-from netaddr import IPSet  # type: ignore[import-untyped]
+from support.mmdb import place, write_database
 
 from relayproxy.policy.geo import CountryDB
-
-
-def place(iso_code: str, geoname_id: int, name: str) -> dict[str, Any]:
-    return {"geoname_id": geoname_id, "iso_code": iso_code, "names": {"en": name}}
-
 
 GERMANY = place("DE", 2921044, "Germany")
 JAPAN = place("JP", 1861060, "Japan")
@@ -35,15 +29,6 @@ NETWORKS: dict[str, dict[str, Any]] = {
     "2001:db8:2::/48": {"country": {"iso_code": "de"}},  # lower case still reads as "DE"
 }
 
-
-def write_database(path: Path, networks: dict[str, dict[str, Any]], ip_version: int) -> Path:
-    writer = MMDBWriter(ip_version=ip_version, ipv4_compatible=ip_version == 6,
-                        database_type="GeoIP2-Country", languages=["en"],
-                        description="relayproxy test countries")
-    for network, record in networks.items():
-        writer.insert_network(IPSet([network]), record)
-    writer.to_db_file(str(path))
-    return path
 
 
 @pytest.fixture

@@ -706,3 +706,15 @@ def test_any_header_values_never_raise(content_type: str, disposition: str, cte:
         for part in whole.parts:
             part.filename.encode()  # no lone surrogates: it can be logged
             assert len(part.filename) <= 255
+
+
+def test_every_name_a_part_gives_is_kept() -> None:
+    # a harmless name where one client looks, an executable where another does
+    s = MimeScanner('multipart/mixed; boundary="b"', None, 1000)
+    s.feed(b'--b\r\nContent-Type: application/octet-stream; name="evil.exe"\r\n'
+           b"Content-Disposition: attachment; filename=\"fine.pdf\"; filename*=UTF-8''also.pdf\r\n"
+           b"\r\nxx\r\n--b--\r\n")
+    s.close()
+    (part,) = s.attachments
+    assert part.filename == "also.pdf"
+    assert part.names == ("also.pdf", "fine.pdf", "evil.exe")

@@ -201,12 +201,14 @@ def test_message_conditions(tmp_path: Path) -> None:
 
 def test_dnsbl_any_not_and_three_valued_logic(tmp_path: Path) -> None:
     rule = _one(tmp_path, 'match.dnsbl = "zen.test"\nmatch.not = { client_ip = "192.0.2.0/24" }')
-    assert rule.test(_facts(client_ip="203.0.113.5", dnsbl={"zen.test": True})) is True
-    assert rule.test(_facts(client_ip="192.0.2.5", dnsbl={"zen.test": True})) is False
-    assert rule.test(_facts(client_ip="203.0.113.5", dnsbl={"zen.test": None})) is None
-    assert rule.test(_facts(client_ip="192.0.2.5", dnsbl={"zen.test": None})) is False
+    (zen,) = rule.dnsbl_zones
+    assert rule.test(_facts(client_ip="203.0.113.5", dnsbl={zen: True})) is True
+    assert rule.test(_facts(client_ip="192.0.2.5", dnsbl={zen: True})) is False
+    assert rule.test(_facts(client_ip="203.0.113.5", dnsbl={zen: None})) is None
+    assert rule.test(_facts(client_ip="192.0.2.5", dnsbl={zen: None})) is False
     rule = _one(tmp_path, 'match.any = [{ dnsbl = "a.test" }, { dnsbl = "b.test" }]')
-    assert rule.test(_facts(dnsbl={"a.test": None, "b.test": True})) is True
-    assert rule.test(_facts(dnsbl={"a.test": None, "b.test": False})) is None
-    assert rule.test(_facts(dnsbl={"a.test": False, "b.test": False})) is False
+    a, b = rule.dnsbl_zones
+    assert rule.test(_facts(dnsbl={a: None, b: True})) is True
+    assert rule.test(_facts(dnsbl={a: None, b: False})) is None
+    assert rule.test(_facts(dnsbl={a: False, b: False})) is False
     assert {z.zone for z in rule.dnsbl_zones} == {"a.test", "b.test"}

@@ -4,7 +4,10 @@ Postfix, with a DNS server on loopback for DNSBL and reverse DNS."""
 from __future__ import annotations
 
 import base64
+import json
 import signal
+import socket
+import subprocess
 import textwrap
 import uuid
 from collections.abc import Callable
@@ -13,8 +16,9 @@ from typing import Any
 
 import pytest
 from support.dns import DnsServer
+from support.mmdb import place, write_database
 from support.postfix import PostfixInstance
-from support.proxy import ProxyProcess, base_config, check_config
+from support.proxy import ProxyProcess, base_config, check_config, run_cli, toml_dumps
 from support.scripted import ScriptedDownstream
 from support.smtpclient import RawSMTP, Reply, data_payload
 from support.wait import wait_until
@@ -401,7 +405,6 @@ def test_greet_delay_refuses_early_talkers(
     proxy = proxy_factory(base_config(server.port, server={"greet_delay": 1.0}),
                           wait_ready=False)
     proxy.wait_ready()
-    import socket
 
     with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
         sock.sendall(b"EHLO impatient.test\r\n")
@@ -413,3 +416,170 @@ def test_greet_delay_refuses_early_talkers(
         assert client.ehlo("patient.test").code == 250
         client.cmd("QUIT")
     assert proxy.metric("relayproxy_protocol_errors_total", {"kind": "pregreet"}) == 1
+
+
+# ---------------------------------------------------------------------- limits and cache
+
+
+def test_message_limit_per_client_holds(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[limit]]
+        name = "messages-per-client"
+        count = "messages"
+        per = "client_net"
+        max = 2
+        window = 3600
+    """)
+    codes = [_transaction(proxy)["mail"] for _ in range(3)]
+    assert [c.code for c in codes] == [250, 250, 451], codes
+    assert codes[2].enhanced == "4.7.1"
+    assert proxy.metric("relayproxy_rule_hits_total",
+                        {"rule": "messages-per-client", "action": "tempfail"}) == 1
+
+
+def test_dictionary_attack_ends_in_421_and_a_block(
+    proxy_factory: ProxyFactory, mailboxes: PostfixInstance, tmp_path: Path
+) -> None:
+    proxy = _rules_proxy(proxy_factory, tmp_path, mailboxes.port, """
+        [[limit]]
+        name = "dictionary-attack"
+        count = "unknown_recipients"
+        per = "client_net"
+        max = 3
+        window = 600
+        block_for = 3600
+    """)
+    with RawSMTP() as client:
+        client.connect(proxy.host, proxy.port)
+        client.ehlo("attacker.test")
+        assert client.cmd("MAIL FROM:<x@example.org>").code == 250
+        replies = [client.cmd(f"RCPT TO:<guess{i}@relay.test>") for i in range(4)]
+        assert [r.code for r in replies] == [550, 550, 550, 421], replies
+        assert replies[0].enhanced == "5.1.1"  # Postfix's own answer
+    with RawSMTP() as client:  # the network is refused now
+        client.connect(proxy.host, proxy.port)
+        assert client.greeting.code == 421, client.greeting
+
+
+def test_recipient_cache_answers_known_bad_addresses_without_the_downstream(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted({"RCPT": ("550 5.1.1 <nobody@relay.test>: User unknown",
+                                "250 2.1.5 Ok", "250 2.1.5 Ok")})
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "nothing"
+        match.helo = "^never$"
+    """)
+    first = _transaction(proxy, rcpts=("nobody@relay.test",))["rcpt"][0]
+    second = _transaction(proxy, rcpts=("nobody@relay.test", "alice@relay.test"))["rcpt"]
+    assert first.raw == second[0].raw, (first, second)
+    assert second[1].code == 250
+    rcpts = [c for c in server.all_commands if c.startswith("RCPT")]
+    assert rcpts == ["RCPT TO:<nobody@relay.test>", "RCPT TO:<alice@relay.test>"], rcpts
+
+
+def test_rcpt_rule_refusal_with_postfix_delivers_nothing(
+    proxy_factory: ProxyFactory, mailboxes: PostfixInstance, tmp_path: Path
+) -> None:
+    proxy = _rules_proxy(proxy_factory, tmp_path, mailboxes.port, """
+        [[rule]]
+        name = "no-mail-for-bob"
+        match.recipient = "^bob@"
+    """)
+    out = _transaction(proxy, rcpts=("bob@relay.test",), body=MESSAGE)
+    assert _code(out["rcpt"][0]) == (550, "5.7.1")
+    assert "dot" not in out
+    out = _transaction(proxy, rcpts=("bob@relay.test", "alice@relay.test"), body=MESSAGE)
+    assert out["dot"].code == 250
+    assert mailboxes.wait_for_deliveries(1, user="alice")
+    assert mailboxes.deliveries(user="bob") == []
+
+
+# ---------------------------------------------------------------------- test-message
+
+
+def _test_message(tmp_path: Path, rules: str, message: bytes, *args: str
+                  ) -> subprocess.CompletedProcess[str]:
+    folder = tmp_path / "tm"
+    folder.mkdir(exist_ok=True)
+    (folder / "rules.toml").write_text(textwrap.dedent(rules))
+    config = folder / "relayproxy.toml"
+    config.write_text(toml_dumps(base_config(1, rules={"files": ["rules.toml"]})))
+    (folder / "message.eml").write_bytes(message)
+    return run_cli("test-message", "-c", str(config), "--client-ip", "192.0.2.7",
+                   "--helo", "mx.example.net", "--from", "s@example.net",
+                   "--to", "alice@relay.test", *args, str(folder / "message.eml"))
+
+
+TM_RULES = """
+    [[rule]]
+    name = "prize"
+    match.body = "(?i)prize"
+    [[rule]]
+    name = "no-date"
+    match.header_absent = ["Date"]
+    action = "score"
+    score = 2
+    [[rule]]
+    name = "tag"
+    match.helo = "example"
+    action = "add_header"
+    header = "X-Tag: yes"
+    [[rule]]
+    name = "slow-down"
+    match.header.subject = "later"
+    action = "tempfail"
+"""
+
+
+def test_test_message_text_json_and_exit_codes(tmp_path: Path) -> None:
+    result = _test_message(tmp_path, TM_RULES, b"Subject: hi\n\nyou won a prize\n")
+    assert result.returncode == 1, result
+    assert "550 5.7.1 Rejected by policy (prize)" in result.stdout
+    assert "no-date" in result.stdout and "slow-down" in result.stdout
+    result = _test_message(tmp_path, TM_RULES, b"Subject: hi\n\nhello\n", "--json")
+    assert result.returncode == 0, result
+    out = json.loads(result.stdout)
+    assert out["verdict"] == "accept" and out["reply"].startswith("250 ")
+    hits = {r["name"]: r["hit"] for r in out["rules"]}
+    assert hits == {"tag": True, "prize": False, "no-date": True, "slow-down": False}, hits
+    assert out["score"] == 2 and out["added_headers"] == ["X-Tag: yes"]
+    result = _test_message(tmp_path, TM_RULES, b"Subject: see you later\n\nhello\n", "--json")
+    assert result.returncode == 2, result
+    assert json.loads(result.stdout)["reply"].startswith("451 4.7.1")
+
+
+def test_country_rule_with_a_generated_database(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    write_database(tmp_path / "countries.mmdb", {
+        "127.0.0.2/32": {"country": place("KP", 1873107, "North Korea")},
+        "127.0.0.3/32": {"country": place("DE", 2921044, "Germany")},
+    }, 4)
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "geo-block"
+        match.country = ["KP"]
+        reply = "550 5.7.1 Not from your region"
+    """, rules_config={"country_db": str(tmp_path / "countries.mmdb")})
+
+    def rcpt_from(source: str) -> Reply:
+        client = RawSMTP(timeout=10)
+        client.sock = socket.create_connection((proxy.host, proxy.port), timeout=10,
+                                               source_address=(source, 0))
+        with client:
+            client.greeting = client.read_reply()
+            client.ehlo("geo.test")
+            assert client.cmd("MAIL FROM:<s@example.org>").code == 250
+            reply = client.cmd("RCPT TO:<alice@relay.test>")
+            client.cmd("QUIT")
+        return reply
+
+    assert rcpt_from("127.0.0.2").raw == b"550 5.7.1 Not from your region\r\n"
+    assert rcpt_from("127.0.0.3").code == 250
+    assert rcpt_from("127.0.0.1").code == 250  # not in the database: no country

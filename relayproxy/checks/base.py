@@ -101,6 +101,7 @@ class Check:
 
     name = "check"
     needs: frozenset[Need] = frozenset()  # a class may set it per instance (rules engine)
+    instant = False  # True for checks that decide without I/O (the built-in limits)
 
     async def on_connect(self, session: SessionInfo) -> Verdict | None:
         return None
@@ -156,11 +157,16 @@ def check_failed(check: str, stage: str, exc: BaseException) -> Verdict:
                             "4.3.0", check=check)
 
 
-async def guarded(check: str, stage: str, call: Awaitable[Verdict | None]) -> Verdict | None:
+async def guarded(check: str, stage: str, call: Awaitable[Verdict | None],
+                  deadline: float) -> Verdict | None:
+    """A check's verdict within its deadline; one that raises or overruns tempfails."""
     try:
-        return await call
+        async with asyncio.timeout(deadline):
+            return await call
     except asyncio.CancelledError:
         raise
+    except TimeoutError:
+        return check_failed(check, stage, TimeoutError(f"no verdict within {deadline:g}s"))
     except Exception as exc:
         return check_failed(check, stage, exc)
 
@@ -168,8 +174,9 @@ async def guarded(check: str, stage: str, call: Awaitable[Verdict | None]) -> Ve
 class Pipeline:
     """Runs the checks of a stage in order; the first refusing verdict wins."""
 
-    def __init__(self, checks: list[Check]):
+    def __init__(self, checks: list[Check], deadline: float = 30.0):
         self.checks = tuple(checks)
+        self.deadline = deadline  # for each check's answer at each stage
         # Only checks that override a stage are called for it: most stages of most checks are
         # no-ops and the per-message path should not pay for them.
         self._by_stage = {
@@ -184,21 +191,27 @@ class Pipeline:
             Need.HEADERS in c.needs for c in checks)
         self.adds_end_headers = any(Need.END_HEADERS in c.needs for c in checks)
 
+    async def _guard(self, check: Check, stage: str, call: Awaitable[Verdict | None]
+                     ) -> Verdict | None:
+        if check.instant:
+            return await call  # never waits for anything: a deadline timer would be waste
+        return await guarded(check.name, stage, call, self.deadline)
+
     async def connect(self, session: SessionInfo) -> Verdict | None:
         for check in self._by_stage["on_connect"]:
-            if verdict := await guarded(check.name, "connect", check.on_connect(session)):
+            if verdict := await self._guard(check, "connect", check.on_connect(session)):
                 return verdict
         return None
 
     async def helo(self, session: SessionInfo) -> Verdict | None:
         for check in self._by_stage["on_helo"]:
-            if verdict := await guarded(check.name, "helo", check.on_helo(session)):
+            if verdict := await self._guard(check, "helo", check.on_helo(session)):
                 return verdict
         return None
 
     async def mail(self, session: SessionInfo, envelope: Envelope) -> Verdict | None:
         for check in self._by_stage["on_mail"]:
-            if verdict := await guarded(check.name, "mail", check.on_mail(session, envelope)):
+            if verdict := await self._guard(check, "mail", check.on_mail(session, envelope)):
                 return verdict
         return None
 
@@ -207,7 +220,7 @@ class Pipeline:
     ) -> Verdict | None:
         for check in self._by_stage["on_rcpt"]:
             call = check.on_rcpt(session, envelope, recipient)
-            if verdict := await guarded(check.name, "rcpt", call):
+            if verdict := await self._guard(check, "rcpt", call):
                 return verdict
         return None
 
@@ -216,7 +229,7 @@ class Pipeline:
     ) -> Verdict | None:
         for check in self._by_stage["on_rcpt_reply"]:
             call = check.on_rcpt_reply(session, envelope, recipient, reply)
-            if verdict := await guarded(check.name, "rcpt", call):
+            if verdict := await self._guard(check, "rcpt", call):
                 return verdict
         return None
 
@@ -225,7 +238,7 @@ class Pipeline:
     ) -> Verdict | None:
         for check in self._by_stage["on_headers"]:
             call = check.on_headers(session, envelope, headers)
-            if verdict := await guarded(check.name, "headers", call):
+            if verdict := await self._guard(check, "headers", call):
                 return verdict
         return None
 
@@ -245,6 +258,6 @@ class Pipeline:
     ) -> Verdict | None:
         for check in self._by_stage["on_data_end"]:
             call = check.on_data_end(session, envelope, message)
-            if verdict := await guarded(check.name, "data", call):
+            if verdict := await self._guard(check, "data", call):
                 return verdict
         return None

@@ -19,6 +19,7 @@ def _verdict(reply: replies.Reply, check: str) -> Verdict:
 
 class MessageSize(Check):
     name = "message_size"
+    instant = True
 
     def __init__(self, max_size: int):
         self.max_size = max_size
@@ -42,6 +43,7 @@ class MessageSize(Check):
 
 class RecipientLimit(Check):
     name = "max_recipients"
+    instant = True
 
     def __init__(self, max_recipients: int):
         self.max_recipients = max_recipients
@@ -60,6 +62,7 @@ class MessageFormat(Check):
     cannot take (RFC 6152 3: a relay must not pass 8-bit data to a 7-bit server)."""
 
     name = "message_format"
+    instant = True
 
     async def on_data_end(
         self, session: SessionInfo, envelope: Envelope, message: MessageInfo

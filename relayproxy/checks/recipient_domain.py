@@ -21,6 +21,7 @@ def domain_of(address: str) -> str:
 
 class AcceptDomains(Check):
     name = "accept_domains"
+    instant = True
 
     def __init__(self, domains: tuple[str, ...]):
         self.exact = frozenset(d for d in domains if not d.startswith("."))

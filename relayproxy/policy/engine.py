@@ -35,7 +35,7 @@ from ..checks.base import (
     SessionInfo,
 )
 from ..headers import HeaderSection
-from .dnsbl import Dnsbl, DnsblAnswer, Listing
+from .dnsbl import Dnsbl, DnsblAnswer, DnsblZone, Listing
 from .geo import CountryDB
 from .mime import MimeScanner
 from .rules import Facts, Rule, RuleSet, Stage
@@ -87,7 +87,7 @@ class _Scores:
 
 @dataclass(slots=True)
 class _SessionState:
-    dnsbl: dict[str, asyncio.Future[DnsblAnswer]] = field(default_factory=dict)
+    dnsbl: dict[DnsblZone, asyncio.Future[DnsblAnswer]] = field(default_factory=dict)
     country: str | None = None
     rdns: str | None = None
     rdns_known: bool = False
@@ -138,7 +138,7 @@ class RulesCheck(Check):
         self.countries = countries
         self.trace = trace
         self.by_stage = {stage: ruleset.at(stage) for stage in Stage}
-        self.zones = {z.zone: z for r in ruleset.rules for z in r.dnsbl_zones}
+        self.zones = frozenset(z for r in ruleset.rules for z in r.dnsbl_zones)
         self.needs_rdns = any(r.needs_rdns for r in ruleset.rules)
         self.needs_country = any(r.needs_country for r in ruleset.rules)
         self.reads_body = any(r.reads_body for r in self.by_stage[Stage.DATA])
@@ -188,7 +188,7 @@ class RulesCheck(Check):
             addr = None
         facts = Facts(session.client_ip, addr, self.settings.hostname, helo=session.helo,
                       country=s.country)
-        zones = {z.zone for r in rules for z in r.dnsbl_zones}
+        zones = {z for r in rules for z in r.dnsbl_zones}
         need_rdns = any(r.needs_rdns for r in rules)
         if zones or need_rdns:
             try:
@@ -288,8 +288,8 @@ class RulesCheck(Check):
     async def on_connect(self, session: SessionInfo) -> Verdict | None:
         s = self._session(session)
         if self.dnsbl is not None:
-            for zone in self.zones.values():  # all zones at once, awaited when needed
-                s.dnsbl[zone.zone] = self.dnsbl.lookup(session.client_ip, zone)
+            for zone in self.zones:  # all zones at once, awaited when needed
+                s.dnsbl[zone] = self.dnsbl.lookup(session.client_ip, zone)
         if self.needs_country and self.countries is not None:
             s.country = self.countries.country(session.client_ip)
         rules = self.by_stage[Stage.CONNECT]
@@ -422,7 +422,8 @@ class RulesCheck(Check):
         if tx.mime is not None:
             tx.mime.close()
             facts.body = tx.mime.text
-            facts.attachments = [(p.filename, p.content_type) for p in tx.mime.attachments]
+            facts.attachments = [(name, p.content_type) for p in tx.mime.attachments
+                                 for name in (p.names or ("",))]
             facts.part_types = [p.content_type for p in tx.mime.parts]
         added: list[bytes] = []
         verdict, tx.accepted = self._run(Stage.DATA, rules, facts, s, tx.scores, tx.hits, added)

@@ -47,7 +47,7 @@ import encodings.aliases
 import pkgutil
 import re
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.errors import HeaderParseError
 from email.header import decode_header
 from typing import Protocol
@@ -112,6 +112,9 @@ class Part:
     content_type: str  # lower-case "type/subtype"
     filename: str  # decoded; "" if none
     disposition: str  # "inline", "attachment" or ""
+    # every name the part gives itself (filename, filename*, name, name*): a sender can put a
+    # harmless one where one client looks and ".exe" where another does; rules check them all
+    names: tuple[str, ...] = field(default=(), compare=False)
 
 
 class MimeScanner:
@@ -344,7 +347,10 @@ class MimeScanner:
                 frame.preamble = self._text = self._new_text(_Identity(), None)
                 return
         name = dparams.get("filename") or params.get("name") or ""
-        self._parts.append(Part(mtype, _display_name(name), disp))
+        others = (*_plain_values(disposition, "filename"), params.get("name", ""),
+                  *_plain_values(content_type, "name"))
+        names = tuple(dict.fromkeys(n for n in (_display_name(v) for v in (name, *others)) if n))
+        self._parts.append(Part(mtype, _display_name(name), disp, names))
         if mtype in _MESSAGE_TYPES and cte not in ("base64", "quoted-printable"):
             self._enter_headers("text/plain")
         elif mtype in _TEXT_TYPES:
@@ -632,6 +638,19 @@ def _params(text: str) -> dict[str, str]:
     for name, parts in sections.items():
         plain[name] = _rfc2231(parts)
     return plain
+
+
+def _plain_values(field: str | None, key: str) -> list[str]:
+    """The plain (not RFC 2231) values of a parameter, which _params sets aside for the
+    RFC 2231 form when both are given."""
+    if not field or ";" not in field:
+        return []
+    out = []
+    for m in _PARAM.finditer(field[field.index(";"):]):
+        if m.group(1).lower() == key:
+            quoted, token = m.group(2), m.group(3)
+            out.append(_QUOTED_PAIR.sub(r"\1", quoted) if quoted is not None else token.strip())
+    return out
 
 
 def _rfc2231(sections: dict[int, tuple[bool, str]]) -> str:

@@ -119,7 +119,7 @@ class Facts:
     rdns: str | None = None  # forward-confirmed name, "" none, None unknown (DNS error)
     helo: str = ""
     country: str | None = None
-    dnsbl: dict[str, bool | None] = field(default_factory=dict)  # zone -> listed (None: error)
+    dnsbl: dict[DnsblZone, bool | None] = field(default_factory=dict)  # listed (None: error)
     sender: str | None = None
     recipient: str | None = None  # the RCPT being decided (rcpt stage)
     recipients: Sequence[str] = ()  # accepted so far
@@ -376,7 +376,8 @@ class _Builder:
                                        {"zone": spec.zone, "codes": spec.codes})
             except ValueError as exc:
                 raise RuleError(f"{self.key(prefix + 'dnsbl')}: {exc}") from None
-            add("dnsbl", Stage.CONNECT, lambda f: f.dnsbl.get(zone.zone), dnsbl=(zone,))
+            # keyed by the zone with its codes: two rules may read one zone's answers differently
+            add("dnsbl", Stage.CONNECT, lambda f: f.dnsbl.get(zone), dnsbl=(zone,))
         tests = [c.test for c in found]
         if m.any is not None:
             branches = [self.compile(sub, f"{prefix}any[{i}].") for i, sub in enumerate(m.any)]
