@@ -38,6 +38,7 @@ from .policy.verdict import Verdict
 from .replies import Reply
 
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
+OBSERVE_BATCH = 64 * 1024  # body octets gathered before the observers are fed
 
 
 @dataclass(slots=True)
@@ -74,6 +75,8 @@ class MessageStream:
         self._scanned = 0
         self.headers: HeaderSection | None = None
         self._observers: list[tuple[str, BodyObserver]] = []
+        self._batch: list[bytes] = []  # body not yet fed to the observers
+        self._batch_size = 0
         # the held window: None once streaming
         self._window: list[bytes] | None = None
         self._window_size = 0
@@ -101,6 +104,8 @@ class MessageStream:
                 if forward and not self._failed:
                     await self._take(forward)
             client.unread(rest)
+            if self._batch and not self._failed:
+                await self._observe()  # the last piece, when the terminator came alone
             if self._head is not None and not self._failed:
                 await self._headers_done(bytes(self._head), b"", b"")  # it was all header
             self.info.size = reader.size
@@ -169,15 +174,23 @@ class MessageStream:
 
     async def _body(self, forward: bytes) -> None:
         if self._observers:
-            await self._observe(self._unstuff(forward))
-            if self.verdict is not None:
-                return
+            self._batch.append(self._unstuff(forward))
+            self._batch_size += len(forward)
+            if self._batch_size >= OBSERVE_BATCH or self.reader.done:
+                await self._observe()
+                if self.verdict is not None:
+                    return
         self._forward(forward)
         if not self.reader.done:
             await self._drain()
         # else the last part goes down with the dot, in one write (one segment, no Nagle)
 
-    async def _observe(self, body: bytes) -> None:
+    async def _observe(self) -> None:
+        """Feed the gathered body to every observer (clients write in small pieces: one call
+        per piece would cost more than most observers' work)."""
+        body = b"".join(self._batch)
+        self._batch.clear()
+        self._batch_size = 0
         for name, observer in self._observers:
             try:
                 async with asyncio.timeout(self.pipeline.deadline):
