@@ -18,7 +18,6 @@ the next chunk. Fast path: for a clean chunk the work is a handful of C-level by
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Literal
 
@@ -149,35 +148,18 @@ class DotReader:
         if last < 0:
             self._line_len += n
         else:
-            first_end = content.find(b"\r\n")
-            if self._line_len + first_end - self._line_dot > self._max_line or (
-                self._long_inside(content, first_end + 2, last + 1)
+            lines = content.split(b"\r\n")
+            first = self._line_len + len(lines[0]) - self._line_dot
+            limit = self._max_line
+            if first > limit or any(
+                len(line) - line.startswith(b".") > limit for line in lines[1:-1]
+                if len(line) > limit
             ):
                 self.line_too_long = True
-            self._line_len = n - last - 1
-            self._line_dot = content[last + 1 : last + 2] == b"."
+            self._line_len = len(lines[-1])
+            self._line_dot = lines[-1].startswith(b".")
         if self._line_len - self._line_dot > self._max_line:
             self.line_too_long = True
-
-
-    def _long_inside(self, content: bytes, start: int, end: int) -> bool:
-        """Is a whole line in content[start:end] over the limit? Searched in C: a run of
-        limit + 1 octets without CR or LF starts at a line start (the leftmost match), and is
-        only allowed when it is a dot-stuffed line of exactly limit + 1."""
-        long_run = _long_run(self._max_line)
-        pos = start
-        while (m := long_run.search(content, pos, end)) is not None:
-            line_end = content.find(b"\r", m.start(), end)
-            stuffed = content[m.start() : m.start() + 1] == b"."
-            if not stuffed or line_end - m.start() > m.end() - m.start():
-                return True
-            pos = line_end
-        return False
-
-
-@functools.lru_cache(maxsize=8)
-def _long_run(limit: int) -> re.Pattern[bytes]:
-    return re.compile(rb"[^\r\n]{%d}" % (limit + 1))
 
 
 def _normalized(content: bytes, bol: bool) -> bytes:
