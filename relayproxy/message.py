@@ -188,8 +188,9 @@ class MessageStream:
     async def _observe(self) -> None:
         """Feed the gathered body to every observer (clients write in small pieces: one call
         per piece would cost more than most observers' work)."""
-        body = b"".join(self._batch)
-        self._batch.clear()
+        batch = self._batch
+        body = batch[0] if len(batch) == 1 else b"".join(batch)
+        batch.clear()
         self._batch_size = 0
         for name, observer in self._observers:
             try:
@@ -246,10 +247,14 @@ class MessageStream:
             # the limits refuse it; nobody else needs to be asked
             return await self.pipeline.data_end(self.session, self.envelope, self.info)
         observers, self._observers = self._observers, []
-        # in parallel: a scanner's verdict may take a while, and each has its deadline
-        verdicts = await asyncio.gather(*(
-            guarded(name, "data", o.end(self.info), self.pipeline.deadline)
-            for name, o in observers))
+        deadline = self.pipeline.deadline
+        if len(observers) == 1:  # no tasks to spawn for one (the usual case)
+            ((name, observer),) = observers
+            verdicts = [await guarded(name, "data", observer.end(self.info), deadline)]
+        else:
+            # in parallel: a scanner's verdict may take a while, and each has its deadline
+            verdicts = await asyncio.gather(*(
+                guarded(name, "data", o.end(self.info), deadline) for name, o in observers))
         for verdict in verdicts:
             if verdict is not None:
                 return verdict
