@@ -453,3 +453,27 @@ def test_line_too_long_with_stuffed_dots_in_any_split(
     fed = feed(split(wire, how, cuts), max_line=max_line)
     assert fed.reader.done
     assert fed.reader.line_too_long == any(len(line) > max_line for line in message)
+
+
+@PROPERTY
+@given(
+    lines=st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+                   max_size=12),
+    how=split_mode_st,
+    cuts=cuts_st,
+)
+def test_unstuffer_gives_the_message_back_in_any_split(
+    lines: list[bytes], how: str, cuts: list[int]
+) -> None:
+    # what observers get: the forwarded wire form, chunk by chunk, unstuffed again
+    from relayproxy.dotreader import Unstuffer
+
+    wire = stuff_lines(lines) + b".\r\n"
+    reader = DotReader(MAX_LINE, "reject")
+    unstuff = Unstuffer()
+    message = b""
+    for chunk in split(wire, how, cuts):
+        forward, _ = reader.feed(chunk)
+        message += unstuff(forward)
+    assert reader.done
+    assert message == b"".join(line + b"\r\n" for line in lines)
