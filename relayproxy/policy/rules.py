@@ -27,6 +27,7 @@ import msgspec
 
 from ..address import PathError, ascii_domain
 from .dnsbl import DnsblZone
+from .regex import Regex
 
 
 class RuleError(ValueError):
@@ -128,6 +129,13 @@ class Facts:
     body: str = ""
     attachments: Sequence[tuple[str, str]] = ()  # (file name, content type)
     part_types: Sequence[str] = ()
+    _folded: str | None = None
+
+    def folded_body(self) -> str:
+        """The body case-folded once, for every body rule's prefilter."""
+        if self._folded is None:
+            self._folded = self.body.casefold()
+        return self._folded
 
 
 Tri = bool | None  # a condition's answer; None: unknown (a DNS error)
@@ -178,9 +186,9 @@ def _not(inner: Test) -> Test:
     return test
 
 
-def _regex(pattern: str, key: str) -> re.Pattern[str]:
+def _regex(pattern: str, key: str) -> Regex:
     try:
-        return re.compile(pattern)
+        return Regex(pattern)
     except re.error as exc:
         raise RuleError(f"{key}: invalid regex {pattern!r}: {exc}") from None
 
@@ -248,7 +256,7 @@ _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _LDH = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)+[a-z]([a-z0-9-]{{0,61}}[a-z0-9])?$", re.I)
 
 
-def _header_test(lname: str, rx: re.Pattern[str]) -> Test:
+def _header_test(lname: str, rx: Regex) -> Test:
     # an absent field never matches; each field of that name is tried, decoded (RFC 2047)
     def test(f: Facts) -> Tri:
         return f.headers is not None and any(rx.search(h.decoded) for h in f.headers.get_all(lname))
@@ -358,7 +366,7 @@ class _Builder:
                 lambda f: f.headers is not None and any(not f.headers.get_all(n) for n in names))
         if m.body is not None:
             rx = _regex(m.body, self.key(prefix + "body"))
-            add("body", Stage.DATA, lambda f: bool(rx.search(f.body)))
+            add("body", Stage.DATA, lambda f: rx.search(f.body, f.folded_body()))
         if m.size_over is not None:
             size = m.size_over
             add("size_over", Stage.DATA, lambda f: f.size > size)

@@ -1,0 +1,49 @@
+"""The rule regex prefilter changes the cost of a search, never its result."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relayproxy.policy.regex import Regex, required_literals
+
+
+@pytest.mark.parametrize("pattern, literals", [
+    (r"(?i)(cheap|winner|lottery)-0-[a-z]+", ("cheap", "winner", "lottery")),
+    (r"^billing@", ("billing@",)),
+    (r"(?i)claim your prize", ("claim your prize",)),
+    (r"a.*b", None),
+    (r"(foo|b)ar", None),  # one branch needs no literal of 3
+    (r"x(abc)?yzw", ("yzw",)),  # an optional group is not required
+    (r"(?i)grüße", None),  # only ASCII literals are used
+])
+def test_required_literals(pattern: str, literals: tuple[str, ...] | None) -> None:
+    assert required_literals(pattern) == literals
+
+
+def test_case_folding_never_hides_a_match() -> None:
+    padding = "x" * 300  # long enough for the prefilter to be used
+    assert Regex(r"(?i)spam").search(padding + "\u017fPAM")  # long s: re matches it
+    assert Regex(r"(?i)kilo").search(padding + "\u212aILO")  # Kelvin sign
+    assert not Regex(r"spam").search(padding + "SPAM")  # case-sensitive stays so
+
+
+WORDS = ["spam", "offer", "prize", "cheap", "lottery", "abc"]
+
+
+@settings(max_examples=300)
+@given(
+    alternatives=st.lists(st.sampled_from(WORDS), min_size=1, max_size=3),
+    suffix=st.sampled_from(["", "-[0-9]+", r"\b", "s?", "[a-z]*x"]),
+    flags=st.sampled_from(["", "(?i)"]),
+    text=st.lists(st.sampled_from([*WORDS, "SPAM", "Offer", " ", "-12", "x", "\u017f",
+                                   "z" * 120]), max_size=12).map("".join),
+)
+def test_prefiltered_search_equals_re(alternatives: list[str], suffix: str, flags: str,
+                                      text: str) -> None:
+    pattern = f"{flags}({'|'.join(alternatives)}){suffix}"
+    padded = "y" * 300 + text  # past the short-text shortcut
+    assert Regex(pattern).search(padded) == (re.search(pattern, padded) is not None), pattern
