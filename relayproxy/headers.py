@@ -15,13 +15,14 @@ from __future__ import annotations
 import email.header
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .dotreader import Unstuffer, stuff
 
 # RFC 5322 2.2: a field name is printable ASCII except ":", then ":".
 _FIELD_START = re.compile(rb"[!-9;-~]+:")
 _CONTINUATION = (b" ", b"\t")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
 class HeadersSent(Exception):
@@ -32,6 +33,7 @@ class HeadersSent(Exception):
 class HeaderField:
     name: str  # as written
     raw: bytes  # the whole field, continuation lines and final CRLF included
+    _decoded: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def lname(self) -> str:
@@ -42,18 +44,21 @@ class HeaderField:
         """The unfolded value (RFC 5322 2.2.3), undecoded; 8-bit bytes as UTF-8 where valid."""
         text = self.raw.decode("utf-8", "surrogateescape")
         value = text.split(":", 1)[1] if ":" in text else ""
-        return re.sub(r"\r?\n(?=[ \t])", "", value).strip()
+        return _FOLD.sub("", value).strip()
 
     @property
     def decoded(self) -> str:
-        """The value with RFC 2047 encoded-words decoded (what a mail client shows)."""
-        value = self.value
-        if "=?" not in value:
-            return value
-        try:
-            return str(email.header.make_header(email.header.decode_header(value)))
-        except (ValueError, LookupError, UnicodeError):
-            return value
+        """The value with RFC 2047 encoded-words decoded (what a mail client shows); computed
+        once, as every rule on this field reads it."""
+        if self._decoded is None:
+            value = self.value
+            if "=?" in value:
+                try:
+                    value = str(email.header.make_header(email.header.decode_header(value)))
+                except (ValueError, LookupError, UnicodeError):
+                    pass
+            self._decoded = value
+        return self._decoded
 
 
 def find_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int] | None:
@@ -92,11 +97,12 @@ class HeaderSection:
     it came, with the prepended fields on top, and costs no parsing.
     """
 
-    __slots__ = ("_fields", "_prepended", "_wire", "sealed", "separator")
+    __slots__ = ("_fields", "_index", "_prepended", "_wire", "sealed", "separator")
 
     def __init__(self, fields: list[HeaderField] | None, separator: bytes,
                  wire: bytes = b"") -> None:
         self._fields = fields
+        self._index: dict[str, list[HeaderField]] | None = None  # by lower-case name
         self._wire = wire
         self._prepended: list[bytes] = []
         self.separator = separator  # the empty line that ended the section, or b""
@@ -124,8 +130,12 @@ class HeaderSection:
         return iter(self.fields)
 
     def get_all(self, name: str) -> list[HeaderField]:
-        lname = name.lower()
-        return [f for f in self.fields if f.lname == lname]
+        if self._index is None:
+            index: dict[str, list[HeaderField]] = {}
+            for f in self.fields:
+                index.setdefault(f.lname, []).append(f)
+            self._index = index
+        return self._index.get(name.lower(), [])
 
     def get(self, name: str) -> str | None:
         found = self.get_all(name)
@@ -140,6 +150,7 @@ class HeaderSection:
         removed = len(fields) - len(kept)
         if removed:
             self._fields = kept
+            self._index = None
             self._wire = b""  # the section changed: wire() builds it from the fields
         return removed
 

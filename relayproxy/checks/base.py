@@ -101,7 +101,8 @@ class Check:
 
     name = "check"
     needs: frozenset[Need] = frozenset()  # a class may set it per instance (rules engine)
-    instant = False  # True for checks that decide without I/O (the built-in limits)
+    # True for checks that decide at once or bound their own waits: no deadline timer per call
+    instant = False
 
     async def on_connect(self, session: SessionInfo) -> Verdict | None:
         return None

@@ -88,6 +88,7 @@ class _Scores:
 @dataclass(slots=True)
 class _SessionState:
     dnsbl: dict[DnsblZone, asyncio.Future[DnsblAnswer]] = field(default_factory=dict)
+    addr: Any = None  # the client's parsed address (False: unparseable)
     country: str | None = None
     rdns: str | None = None
     rdns_known: bool = False
@@ -129,6 +130,9 @@ def _at_rcpt(verdict: Verdict) -> Verdict:
 
 class RulesCheck(Check):
     name = "rules"
+    # no deadline timer around each hook: the engine waits only for DNS facts, and bounds that
+    # wait itself (rules.check_timeout); everything else it decides at once
+    instant = True
 
     def __init__(self, ruleset: RuleSet, settings: Settings, dnsbl: Dnsbl | None,
                  countries: CountryDB | None = None, trace: bool = False) -> None:
@@ -138,6 +142,11 @@ class RulesCheck(Check):
         self.countries = countries
         self.trace = trace
         self.by_stage = {stage: ruleset.at(stage) for stage in Stage}
+        # what each stage's rules need looked up, computed once
+        self.stage_zones = {stage: frozenset(z for r in rules for z in r.dnsbl_zones)
+                            for stage, rules in self.by_stage.items()}
+        self.stage_rdns = {stage: any(r.needs_rdns for r in rules)
+                           for stage, rules in self.by_stage.items()}
         self.zones = frozenset(z for r in ruleset.rules for z in r.dnsbl_zones)
         self.needs_rdns = any(r.needs_rdns for r in ruleset.rules)
         self.needs_country = any(r.needs_country for r in ruleset.rules)
@@ -180,16 +189,17 @@ class RulesCheck(Check):
 
     # facts
 
-    async def _facts(self, session: SessionInfo, rules: tuple[Rule, ...]) -> Facts:
+    async def _facts(self, session: SessionInfo, stage: Stage) -> Facts:
         s = self._session(session)
-        try:
-            addr: Any = ipaddress.ip_address(session.client_ip)
-        except ValueError:
-            addr = None
-        facts = Facts(session.client_ip, addr, self.settings.hostname, helo=session.helo,
-                      country=s.country)
-        zones = {z for r in rules for z in r.dnsbl_zones}
-        need_rdns = any(r.needs_rdns for r in rules)
+        if s.addr is None:
+            try:
+                s.addr = ipaddress.ip_address(session.client_ip)
+            except ValueError:
+                s.addr = False
+        facts = Facts(session.client_ip, s.addr or None, self.settings.hostname,
+                      helo=session.helo, country=s.country)
+        zones = self.stage_zones[stage]
+        need_rdns = self.stage_rdns[stage]
         if zones or need_rdns:
             try:
                 async with asyncio.timeout(self.settings.check_timeout):
@@ -221,8 +231,11 @@ class RulesCheck(Check):
              ) -> tuple[Verdict | None, bool]:
         """Evaluate rules in order: (refusal, accepted). Scores and hits are updated."""
         global_monitor = self.settings.mode == "monitor"
+        trace = s.trace
         for rule in rules:
             result = rule.test(facts)
+            if result is False and trace is None:
+                continue  # the common case, kept short: fifty rules run per message
             monitor = global_monitor or rule.monitor
             verdict: Verdict | None = None
             if result is None and rule.on_dns_error == "tempfail":
@@ -236,8 +249,8 @@ class RulesCheck(Check):
                 action = ""
             else:
                 action = "monitor" if monitor else rule.action
-            if s.trace is not None:
-                s.trace.append(Evaluation(rule.name, stage.label, result, action,
+            if trace is not None:
+                trace.append(Evaluation(rule.name, stage.label, result, action,
                                           rule.score if result else 0.0))
             if not action:
                 continue
@@ -295,7 +308,7 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.CONNECT]
         if not rules:
             return None
-        facts = await self._facts(session, rules)
+        facts = await self._facts(session, Stage.CONNECT)
         verdict, s.accepted = self._run(Stage.CONNECT, rules, facts, s, s.connect, s.hits,
                                         s.headers)
         verdict = verdict or (None if s.accepted else self._threshold(s.connect, Stage.CONNECT))
@@ -310,7 +323,7 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.HELO]
         if s.accepted or not rules:
             return None
-        facts = await self._facts(session, rules)
+        facts = await self._facts(session, Stage.HELO)
         verdict, s.accepted = self._run(Stage.HELO, rules, facts, s, s.helo, s.helo_hits,
                                         s.headers)
         if verdict is None and not s.accepted:
@@ -330,7 +343,7 @@ class RulesCheck(Check):
         if s.accepted or not rules:
             self._log(envelope, tx)
             return None
-        facts = await self._facts(session, rules)
+        facts = await self._facts(session, Stage.MAIL)
         facts.sender = envelope.sender
         verdict, tx.accepted = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
                                          tx.headers)
@@ -358,7 +371,7 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.RCPT]
         if not rules:
             return None
-        facts = await self._facts(session, rules)
+        facts = await self._facts(session, Stage.RCPT)
         facts.sender, facts.recipient = envelope.sender, recipient
         facts.recipients = envelope.recipients
         scores = tx.scores.copy()  # a recipient's rules decide for that recipient only
@@ -382,7 +395,7 @@ class RulesCheck(Check):
                                   self.settings.body_scan_bytes)
         rules = self.by_stage[Stage.HEADERS]
         if rules and not (s.accepted or tx.accepted or tx.pending):
-            facts = await self._facts(session, rules)
+            facts = await self._facts(session, Stage.HEADERS)
             self._envelope_facts(facts, envelope, headers)
             verdict, tx.accepted = self._run(Stage.HEADERS, rules, facts, s, tx.scores,
                                              tx.hits, tx.headers)
@@ -416,7 +429,7 @@ class RulesCheck(Check):
         # mail (abuse reports quote spam) is not refused now
         if not rules or s.accepted or tx.accepted or tx.pending:
             return None
-        facts = await self._facts(session, rules)
+        facts = await self._facts(session, Stage.DATA)
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
         if tx.mime is not None:

@@ -32,12 +32,23 @@ class Regex:
         self.rx = re.compile(pattern)  # re.error for the caller to report
         self.literals = required_literals(pattern)
 
-    def search(self, text: str, folded: str | None = None) -> bool:
-        """Does the pattern match somewhere in text? folded: text.casefold(), when known."""
+    def search(self, text: str, folded: str | None = None,
+               seen: dict[str, bool] | None = None) -> bool:
+        """Does the pattern match somewhere in text? folded: text.casefold(), when known;
+        seen: which literals the text holds, shared by the rules that read one text (fifty
+        body rules often name the same few words)."""
         literals = self.literals
         if literals is not None and len(text) > 256:  # short texts: searching is cheaper
             low = folded if folded is not None else text.casefold()
-            if not any(literal in low for literal in literals):
+            if seen is None:
+                seen = {}
+            for literal in literals:
+                found = seen.get(literal)
+                if found is None:
+                    found = seen[literal] = literal in low
+                if found:
+                    break
+            else:
                 return False
         return self.rx.search(text) is not None
 

@@ -130,6 +130,7 @@ class Facts:
     attachments: Sequence[tuple[str, str]] = ()  # (file name, content type)
     part_types: Sequence[str] = ()
     _folded: str | None = None
+    body_seen: dict[str, bool] = field(default_factory=dict)  # literals found in the body
 
     def folded_body(self) -> str:
         """The body case-folded once, for every body rule's prefilter."""
@@ -153,6 +154,9 @@ class Condition:
 
 
 def _all(tests: Sequence[Test]) -> Test:
+    if len(tests) == 1:
+        return tests[0]
+
     def test(facts: Facts) -> Tri:
         unknown = False
         for t in tests:
@@ -259,7 +263,12 @@ _LDH = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)+[a-z]([a-z0-9-]{{0,61}}[a-z0-9
 def _header_test(lname: str, rx: Regex) -> Test:
     # an absent field never matches; each field of that name is tried, decoded (RFC 2047)
     def test(f: Facts) -> Tri:
-        return f.headers is not None and any(rx.search(h.decoded) for h in f.headers.get_all(lname))
+        if f.headers is None:
+            return False
+        for h in f.headers.get_all(lname):
+            if rx.search(h.decoded):
+                return True
+        return False
 
     return test
 
@@ -366,7 +375,7 @@ class _Builder:
                 lambda f: f.headers is not None and any(not f.headers.get_all(n) for n in names))
         if m.body is not None:
             rx = _regex(m.body, self.key(prefix + "body"))
-            add("body", Stage.DATA, lambda f: rx.search(f.body, f.folded_body()))
+            add("body", Stage.DATA, lambda f: rx.search(f.body, f.folded_body(), f.body_seen))
         if m.size_over is not None:
             size = m.size_over
             add("size_over", Stage.DATA, lambda f: f.size > size)
