@@ -26,8 +26,8 @@ import asyncio
 import re
 from dataclasses import dataclass
 
-from .checks import BodyObserver, Envelope, MessageInfo, Pipeline, SessionInfo
-from .checks.base import check_failed, guarded
+from .checks import Envelope, MessageInfo, Pipeline, SessionInfo
+from .checks.base import Observing, check_failed, guarded
 from .config import ServerConfig
 from .connection import ClientConnection
 from .dotreader import DotReader, Unstuffer
@@ -74,7 +74,7 @@ class MessageStream:
         self._head: bytearray | None = bytearray()  # the header section so far (wire form)
         self._scanned = 0
         self.headers: HeaderSection | None = None
-        self._observers: list[tuple[str, BodyObserver]] = []
+        self._observers: list[Observing] = []
         self._batch: list[bytes] = []  # body not yet fed to the observers
         self._batch_size = 0
         # the held window: None once streaming
@@ -192,13 +192,16 @@ class MessageStream:
         body = batch[0] if len(batch) == 1 else b"".join(batch)
         batch.clear()
         self._batch_size = 0
-        for name, observer in self._observers:
+        for watch in self._observers:
             try:
-                async with asyncio.timeout(self.pipeline.deadline):
-                    await observer.feed(body)
+                if watch.deadline is None:
+                    await watch.observer.feed(body)
+                else:
+                    async with asyncio.timeout(watch.deadline):
+                        await watch.observer.feed(body)
             except Exception as exc:
                 # its failure policy decides (a tempfail here); the data is still read to its end
-                self.verdict = check_failed(name, "body", exc)
+                self.verdict = check_failed(watch.name, "body", exc)
                 return
 
     def _forward(self, data: bytes) -> None:
@@ -247,14 +250,14 @@ class MessageStream:
             # the limits refuse it; nobody else needs to be asked
             return await self.pipeline.data_end(self.session, self.envelope, self.info)
         observers, self._observers = self._observers, []
-        deadline = self.pipeline.deadline
         if len(observers) == 1:  # no tasks to spawn for one (the usual case)
-            ((name, observer),) = observers
-            verdicts = [await guarded(name, "data", observer.end(self.info), deadline)]
+            (w,) = observers
+            verdicts = [await guarded(w.name, "data", w.observer.end(self.info), w.deadline)]
         else:
             # in parallel: a scanner's verdict may take a while, and each has its deadline
             verdicts = await asyncio.gather(*(
-                guarded(name, "data", o.end(self.info), deadline) for name, o in observers))
+                guarded(w.name, "data", w.observer.end(self.info), w.deadline)
+                for w in observers))
         for verdict in verdicts:
             if verdict is not None:
                 return verdict
@@ -262,5 +265,5 @@ class MessageStream:
 
     def _abort_observers(self) -> None:
         observers, self._observers = self._observers, []
-        for _, observer in observers:
-            observer.abort()
+        for watch in observers:
+            watch.observer.abort()

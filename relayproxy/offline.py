@@ -115,10 +115,10 @@ async def _data(pipeline: Pipeline, session: SessionInfo, envelope: Envelope,
         observers = pipeline.observers(session, envelope)
         body = Unstuffer()(wire[body_start:])
         for offset in range(0, len(body), CHUNK):
-            for _, observer in observers:
-                await observer.feed(body[offset : offset + CHUNK])
-        for _, observer in observers:
-            verdict = verdict or await observer.end(info)
+            for watch in observers:
+                await watch.observer.feed(body[offset : offset + CHUNK])
+        for watch in observers:
+            verdict = verdict or await watch.observer.end(info)
         verdict = verdict or await pipeline.data_end(session, envelope, info)
     reply = for_verdict(verdict) if verdict else Reply(250, "2.0.0", "Ok (not delivered: "
                                                        "test-message has no downstream)")

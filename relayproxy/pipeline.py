@@ -63,7 +63,8 @@ def policy_checks(config: Config, services: Services, trace: bool = False) -> li
         raise ConfigError(f"rules: {exc}") from None
     settings = Settings(rc.mode, rc.reject_score, rc.tempfail_score, rc.exempt_recipients,
                         rc.body_scan_bytes, rc.check_timeout, config.server.hostname)
-    cache = RecipientCache(services.store)
+    # refusals only: positive entries serve greylisting, which is not configured
+    cache = RecipientCache(services.store, positive_ttl=0)
     checks: list[Check] = []
     if limits:
         for limit in limits:

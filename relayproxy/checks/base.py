@@ -139,6 +139,16 @@ class Check:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Observing:
+    """A check's observer of one message, with the deadline of each of its calls (None: the
+    check bounds its own waits)."""
+
+    name: str
+    observer: BodyObserver
+    deadline: float | None
+
+
 class _Failed(BodyObserver):
     def __init__(self, verdict: Verdict) -> None:
         self.verdict = verdict
@@ -159,9 +169,11 @@ def check_failed(check: str, stage: str, exc: BaseException) -> Verdict:
 
 
 async def guarded(check: str, stage: str, call: Awaitable[Verdict | None],
-                  deadline: float) -> Verdict | None:
+                  deadline: float | None) -> Verdict | None:
     """A check's verdict within its deadline; one that raises or overruns tempfails."""
     try:
+        if deadline is None:
+            return await call
         async with asyncio.timeout(deadline):
             return await call
     except asyncio.CancelledError:
@@ -243,7 +255,7 @@ class Pipeline:
                 return verdict
         return None
 
-    def observers(self, session: SessionInfo, envelope: Envelope) -> list[tuple[str, BodyObserver]]:
+    def observers(self, session: SessionInfo, envelope: Envelope) -> list[Observing]:
         found = []
         for check in self.observing:
             try:
@@ -251,7 +263,8 @@ class Pipeline:
             except Exception as exc:
                 observer = _Failed(check_failed(check.name, "body", exc))
             if observer is not None:
-                found.append((check.name, observer))
+                found.append(Observing(check.name, observer,
+                                       None if check.instant else self.deadline))
         return found
 
     async def data_end(

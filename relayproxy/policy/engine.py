@@ -151,6 +151,9 @@ class RulesCheck(Check):
         self.needs_rdns = any(r.needs_rdns for r in ruleset.rules)
         self.needs_country = any(r.needs_country for r in ruleset.rules)
         self.reads_body = any(r.reads_body for r in self.by_stage[Stage.DATA])
+        # the decoded text only for body conditions: attachments need just the part headers
+        self.text_budget = settings.body_scan_bytes if any(
+            r.reads_text for r in self.by_stage[Stage.DATA]) else 0
         exempt = [e.lower() for e in settings.exempt_recipients]
         self.exempt_locals = frozenset(e for e in exempt if "@" not in e)
         self.exempt_addresses = frozenset(e for e in exempt if "@" in e)
@@ -392,7 +395,7 @@ class RulesCheck(Check):
         if self.reads_body:
             tx.mime = MimeScanner(headers.get("Content-Type"),
                                   headers.get("Content-Transfer-Encoding"),
-                                  self.settings.body_scan_bytes)
+                                  self.text_budget)
         rules = self.by_stage[Stage.HEADERS]
         if rules and not (s.accepted or tx.accepted or tx.pending):
             facts = await self._facts(session, Stage.HEADERS)

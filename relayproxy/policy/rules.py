@@ -250,6 +250,8 @@ def _helo_literal(helo: str) -> str | None:
     """The address a HELO names, when it is an address literal (or a bare address)."""
     text = helo[1:-1] if helo.startswith("[") and helo.endswith("]") else helo
     text = text[5:] if text[:5].lower() == "ipv6:" else text
+    if not text or not (text[0].isdigit() or ":" in text):
+        return None  # a host name: no need to let ipaddress raise on it
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
@@ -442,7 +444,12 @@ class Rule:
 
     @property
     def reads_body(self) -> bool:
-        return any(c.stage == Stage.DATA for c in self.conditions)
+        return any(c.key.endswith(("body", "attachment_name", "attachment_type"))
+                   for c in self.conditions)
+
+    @property
+    def reads_text(self) -> bool:
+        return any(c.key.endswith("body") for c in self.conditions)
 
 
 _REPLY = re.compile(r"^([45])(\d\d)\s+([45]\.\d{1,3}\.\d{1,3})\s+(\S.*)$")
