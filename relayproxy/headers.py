@@ -130,12 +130,16 @@ class HeaderSection:
         return iter(self.fields)
 
     def get_all(self, name: str) -> list[HeaderField]:
+        return self.get_lower(name.lower())
+
+    def get_lower(self, lname: str) -> list[HeaderField]:
+        """get_all for a name already in lower case (rules look names up many times)."""
         if self._index is None:
             index: dict[str, list[HeaderField]] = {}
             for f in self.fields:
                 index.setdefault(f.lname, []).append(f)
             self._index = index
-        return self._index.get(name.lower(), [])
+        return self._index.get(lname, [])
 
     def get(self, name: str) -> str | None:
         found = self.get_all(name)

@@ -163,9 +163,10 @@ class RulesCheck(Check):
         if any(r.action == "add_header" for r in self.by_stage[Stage.DATA]):
             needs.add(Need.END_HEADERS)  # the field goes on top of a held message only
         self.needs = frozenset(needs)
-        for rule in ruleset.rules:
-            metrics.RULE_HITS.labels(rule.name, rule.action)
-            metrics.RULE_HITS.labels(rule.name, "monitor")
+        # the counters' children, resolved once (a labels() call costs a lock and a lookup)
+        self.hit_counters = {
+            (rule.name, action): metrics.RULE_HITS.labels(rule.name, action)
+            for rule in ruleset.rules for action in {rule.action, "monitor", "tempfail"}}
 
     # state
 
@@ -257,7 +258,7 @@ class RulesCheck(Check):
                                           rule.score if result else 0.0))
             if not action:
                 continue
-            metrics.RULE_HITS.labels(rule.name, action).inc()
+            self.hit_counters[rule.name, action].inc()
             hits.append(rule.name if action != "monitor" else f"{rule.name}(monitor)")
             if action == "score" or (monitor and rule.action == "score"):
                 scores.add(rule, monitor)

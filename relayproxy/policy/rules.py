@@ -267,7 +267,7 @@ def _header_test(lname: str, rx: Regex) -> Test:
     def test(f: Facts) -> Tri:
         if f.headers is None:
             return False
-        for h in f.headers.get_all(lname):
+        for h in f.headers.get_lower(lname):
             if rx.search(h.decoded):
                 return True
         return False
