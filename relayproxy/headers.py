@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 from .dotreader import Unstuffer, stuff
 
-# RFC 5322 2.2: a field name is printable ASCII except ":", then ":".
-_FIELD_START = re.compile(rb"[!-9;-~]+:")
+# RFC 5322 2.2: a field name is printable ASCII except ":", then ":". Whitespace before the
+# colon (RFC 822's obsolete syntax, RFC 5322 4.5.3) is read as Postfix's cleanup reads it: the
+# section must end where the mail server's does, or checks would miss fields it delivers.
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 _CONTINUATION = (b" ", b"\t")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
@@ -55,7 +57,7 @@ class HeaderField:
             if "=?" in value:
                 try:
                     value = str(email.header.make_header(email.header.decode_header(value)))
-                except (ValueError, LookupError, UnicodeError):
+                except Exception:  # HeaderParseError and friends: attackers write these
                     pass
             self._decoded = value
         return self._decoded
@@ -78,7 +80,9 @@ def find_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int] | None:
         line = data[pos + 1 : eol + 1] if data[pos : pos + 1] == b"." else data[pos : eol + 1]
         if line == b"\r\n":
             return pos, eol + 1
-        if not (_FIELD_START.match(line) or (pos > 0 and line[:1] in _CONTINUATION)):
+        # a continuation line belongs to the section even first: downstream it will continue
+        # our Received field, and what follows is still header to the mail server
+        if not (_FIELD_START.match(line) or line[:1] in _CONTINUATION):
             return pos, pos
         pos = eol + 1
     return None
@@ -121,7 +125,7 @@ class HeaderSection:
                 if line[:1] in _CONTINUATION and fields:
                     fields[-1].raw += line
                 else:
-                    name = line.split(b":", 1)[0].decode("ascii", "replace")
+                    name = line.split(b":", 1)[0].decode("ascii", "replace").rstrip(" \t")
                     fields.append(HeaderField(name, line))
             self._fields = fields
         return self._fields

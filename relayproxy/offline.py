@@ -68,7 +68,8 @@ async def run(config: Config, client_ip: str, helo: str, sender: str,
             return rdns.UNAVAILABLE
         return (await runtime.names.lookup(client_ip))[0]
 
-    session.name_lookup = name
+    if config.server.reverse_dns:
+        session.name_lookup = name
 
     def result(stage: str, reply: Reply, envelope: Envelope | None = None) -> Result:
         score = 0.0

@@ -7,6 +7,7 @@ engine of the rule files (rules.files), then the checks the configuration loads 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ def policy_checks(config: Config, services: Services, trace: bool = False) -> li
             countries = CountryDB(str(Path(config.base_dir) / rc.country_db))
         ruleset = load_rules(rc.files, Path(config.base_dir), countries is not None)
         limits = [Limit.from_table(table) for table in ruleset.limits]
+        if rc.mode == "monitor":  # the global monitor mode holds for limits too
+            limits = [dataclasses.replace(limit, monitor=True) for limit in limits]
     except (RuleError, ValueError) as exc:
         raise ConfigError(f"rules: {exc}") from None
     settings = Settings(rc.mode, rc.reject_score, rc.tempfail_score, rc.exempt_recipients,

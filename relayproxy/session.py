@@ -95,7 +95,9 @@ def _date() -> str:
 
 
 def _header_safe(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text)[:HELO_NAME_LIMIT]
+    # ASCII only: the field may go to a downstream without 8BITMIME (RFC 6152)
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in text)[
+        :HELO_NAME_LIMIT]
 
 
 Handler = Callable[[str], Awaitable[Reply | None]]
@@ -107,7 +109,8 @@ class Session:
         self.config = runtime.config
         self.client = client
         self.info = SessionInfo(os.urandom(6).hex(), client.peer[0], client.peer[1])
-        self.info.name_lookup = self.client_name
+        if runtime.config.server.reverse_dns:  # else the name is unknown to rules, not missing
+            self.info.name_lookup = self.client_name
         self.leg = DownstreamLeg(runtime.pool)
         self.tx: Transaction | None = None
         self.errors = 0

@@ -47,3 +47,10 @@ def test_prefiltered_search_equals_re(alternatives: list[str], suffix: str, flag
     pattern = f"{flags}({'|'.join(alternatives)}){suffix}"
     padded = "y" * 300 + text  # past the short-text shortcut
     assert Regex(pattern).search(padded) == (re.search(pattern, padded) is not None), pattern
+
+
+def test_dotless_and_dotted_i_never_hide_a_match() -> None:
+    padding = "x" * 300
+    for text in (" v\u0131agra", " V\u0130AGRA"):  # re's (?i)i matches both
+        assert re.search("(?i)viagra", padding + text)
+        assert Regex("(?i)viagra").search(padding + text), text

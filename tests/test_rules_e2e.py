@@ -583,3 +583,139 @@ def test_country_rule_with_a_generated_database(
     assert rcpt_from("127.0.0.2").raw == b"550 5.7.1 Not from your region\r\n"
     assert rcpt_from("127.0.0.3").code == 250
     assert rcpt_from("127.0.0.1").code == 250  # not in the database: no country
+
+
+# ---------------------------------------------------------------------- review regressions
+
+
+def test_a_later_accept_does_not_undo_a_deferred_refusal(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "listed"
+        match.client_ip = "127.0.0.0/8"
+        [[rule]]
+        name = "partner"
+        match.sender_domain = ["partner.example"]
+        action = "accept"
+    """)
+    out = _transaction(proxy, sender="forged@partner.example")  # the sender is forgeable
+    assert _code(out["rcpt"][0]) == (550, "5.7.1"), out["rcpt"]
+    assert server.connections == 0
+
+
+def test_accept_scope_session_and_transaction(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "trusted-sender"
+        match.sender = "^boss@"
+        action = "accept"
+        scope = "transaction"
+        [[rule]]
+        name = "everyone-else"
+        match.recipient = "."
+    """)
+    with RawSMTP() as client:
+        client.connect(proxy.host, proxy.port)
+        client.ehlo("h.test")
+        assert client.cmd("MAIL FROM:<boss@example.org>").code == 250
+        assert client.cmd("RCPT TO:<alice@relay.test>").code == 250
+        assert client.cmd("RSET").code == 250
+        assert client.cmd("MAIL FROM:<other@example.org>").code == 250
+        assert client.cmd("RCPT TO:<alice@relay.test>").code == 550  # the accept has ended
+        client.cmd("QUIT")
+    result = check_config(base_config(1, rules={"files": [str(_rules_file(tmp_path, """
+        [[rule]]
+        name = "early"
+        match.helo = "x"
+        action = "accept"
+        scope = "transaction"
+    """))]}))
+    assert result.returncode == 2 and "scope" in result.stderr, result.stderr
+
+
+def _rules_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / f"extra-{uuid.uuid4().hex[:6]}.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_malformed_encoded_word_does_not_break_the_session(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "subject"
+        match.header.subject = "(?i)lottery"
+    """)
+    out = _transaction(proxy, body=b"Subject: =?utf-8?b?AAAAA?=\r\n\r\nx\r\n")
+    assert out["dot"].code == 250, out["dot"]
+    server.wait_for_messages(1)
+
+
+def test_helo_add_header_is_the_last_helo_only_and_deferred_421_is_a_451(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "tag-bad"
+        match.helo = "^bad"
+        action = "add_header"
+        header = "X-Bad-Helo: yes"
+        [[rule]]
+        name = "slow"
+        match.helo = "^slow"
+        action = "tempfail"
+        reply = "421 4.7.0 Come back later"
+    """)
+    with RawSMTP() as client:
+        client.connect(proxy.host, proxy.port)
+        for _ in range(3):
+            client.ehlo("bad.test")
+        client.ehlo("good.test")
+        assert client.cmd("MAIL FROM:<a@example.org>").code == 250
+        assert client.cmd("RCPT TO:<alice@relay.test>").code == 250
+        assert client.cmd("DATA").code == 354
+        client.send(data_payload(b"Subject: s\r\n\r\nx\r\n"))
+        assert client.read_reply().code == 250
+        client.ehlo("slow.test")
+        assert client.cmd("MAIL FROM:<a@example.org>").code == 250
+        deferred = client.cmd("RCPT TO:<alice@relay.test>")
+        assert _code(deferred) == (451, "4.7.0"), deferred  # at RCPT, never a 421
+        assert client.cmd("RCPT TO:<postmaster@relay.test>").code == 250  # session goes on
+        client.cmd("QUIT")
+    (message, *_) = server.wait_for_messages(1)
+    assert b"X-Bad-Helo" not in message
+
+
+def test_monitor_mode_covers_limits_and_no_reverse_dns_is_unknown(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    server = scripted()
+    proxy = _rules_proxy(proxy_factory, tmp_path, server.port, """
+        [[rule]]
+        name = "no-fcrdns"
+        match.fcrdns = false
+        action = "score"
+        score = 3
+        [[limit]]
+        name = "one-message"
+        count = "messages"
+        per = "client_net"
+        max = 1
+        window = 3600
+    """, rules_config={"mode": "monitor"})
+    codes = [_transaction(proxy)["mail"].code for _ in range(3)]
+    assert codes == [250, 250, 250], codes
+    assert proxy.metric("relayproxy_rule_hits_total",
+                        {"rule": "one-message", "action": "monitor"}) == 2
+    # reverse_dns is off in the test config: no-fcrdns is unknown, so it never hits
+    assert proxy.metric("relayproxy_rule_hits_total",
+                        {"rule": "no-fcrdns", "action": "monitor"}) == 0

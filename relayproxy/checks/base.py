@@ -206,9 +206,9 @@ class Pipeline:
 
     async def _guard(self, check: Check, stage: str, call: Awaitable[Verdict | None]
                      ) -> Verdict | None:
-        if check.instant:
-            return await call  # never waits for anything: a deadline timer would be waste
-        return await guarded(check.name, stage, call, self.deadline)
+        # an instant check gets no deadline timer (it never waits, or bounds its own waits),
+        # but its exceptions are caught all the same
+        return await guarded(check.name, stage, call, None if check.instant else self.deadline)
 
     async def connect(self, session: SessionInfo) -> Verdict | None:
         for check in self._by_stage["on_connect"]:

@@ -99,7 +99,8 @@ class _SessionState:
     helo_pending: Verdict | None = None
     hits: list[str] = field(default_factory=list)
     helo_hits: list[str] = field(default_factory=list)
-    headers: list[bytes] = field(default_factory=list)  # add_header from connect/helo
+    headers: list[bytes] = field(default_factory=list)  # add_header from connect
+    helo_headers: list[bytes] = field(default_factory=list)  # ... from the last HELO
     trace: list[Evaluation] | None = None
 
 
@@ -187,7 +188,7 @@ class RulesCheck(Check):
             scores.monitor_score += s.helo.monitor_score
             tx = envelope.facts[_KEY] = _TxState(scores, pending=s.pending or s.helo_pending,
                                                  hits=[*s.hits, *s.helo_hits],
-                                                 headers=list(s.headers))
+                                                 headers=[*s.headers, *s.helo_headers])
         assert isinstance(tx, _TxState)
         return tx
 
@@ -222,7 +223,7 @@ class RulesCheck(Check):
 
     async def _rdns(self, session: SessionInfo) -> str | None:
         if session.name_lookup is None:
-            return ""
+            return None  # reverse DNS is off: the name is unknown, not missing
         name = await session.name_lookup()
         if name == "[TEMPUNAVAIL]":
             return None
@@ -232,8 +233,9 @@ class RulesCheck(Check):
 
     def _run(self, stage: Stage, rules: tuple[Rule, ...], facts: Facts, s: _SessionState,
              scores: _Scores, hits: list[str], headers: list[bytes] | None
-             ) -> tuple[Verdict | None, bool]:
-        """Evaluate rules in order: (refusal, accepted). Scores and hits are updated."""
+             ) -> tuple[Verdict | None, Rule | None]:
+        """Evaluate rules in order: (refusal, the accept rule that ended it). Scores and hits
+        are updated."""
         global_monitor = self.settings.mode == "monitor"
         trace = s.trace
         for rule in rules:
@@ -265,14 +267,14 @@ class RulesCheck(Check):
             if monitor:
                 continue
             if action == "accept":
-                return None, True
+                return None, rule
             if action == "add_header" and headers is not None:
                 headers.append(rule.header)
             if action in ("reject", "tempfail"):
                 verdict = verdict or self._refusal(rule, stage)
             if verdict is not None:
-                return verdict, False
-        return None, False
+                return verdict, None
+        return None, None
 
     def _refusal(self, rule: Rule, stage: Stage) -> Verdict:
         if rule.reply is not None:
@@ -286,6 +288,16 @@ class RulesCheck(Check):
         action = Action.REJECT if code >= 500 else Action.TEMPFAIL
         return Verdict(action, text, code, enhanced, source="rule", check=rule.name,
                        defer=rule.defer)
+
+    @staticmethod
+    def _accept(rule: Rule | None, s: _SessionState, tx: _TxState | None) -> bool:
+        """Record an accept (for the session, or the transaction): does it hold now?"""
+        if rule is not None:
+            if rule.scope == "session" or tx is None:
+                s.accepted = True
+            else:
+                tx.accepted = True
+        return s.accepted or (tx is not None and tx.accepted)
 
     def _threshold(self, scores: _Scores, stage: Stage) -> Verdict | None:
         st = self.settings
@@ -313,9 +325,10 @@ class RulesCheck(Check):
         if not rules:
             return None
         facts = await self._facts(session, Stage.CONNECT)
-        verdict, s.accepted = self._run(Stage.CONNECT, rules, facts, s, s.connect, s.hits,
-                                        s.headers)
-        verdict = verdict or (None if s.accepted else self._threshold(s.connect, Stage.CONNECT))
+        verdict, accept = self._run(Stage.CONNECT, rules, facts, s, s.connect, s.hits,
+                                    s.headers)
+        accepted = self._accept(accept, s, None)
+        verdict = verdict or (None if accepted else self._threshold(s.connect, Stage.CONNECT))
         if verdict is not None and verdict.defer:
             s.pending = _at_rcpt(verdict)
             return None
@@ -323,20 +336,21 @@ class RulesCheck(Check):
 
     async def on_helo(self, session: SessionInfo) -> Verdict | None:
         s = self._session(session)
-        s.helo, s.helo_hits, s.helo_pending = _Scores(), [], None  # a new HELO starts over
+        # a new HELO starts over: what the last one's rules said is forgotten
+        s.helo, s.helo_hits, s.helo_pending, s.helo_headers = _Scores(), [], None, []
         rules = self.by_stage[Stage.HELO]
         if s.accepted or not rules:
             return None
         facts = await self._facts(session, Stage.HELO)
-        verdict, s.accepted = self._run(Stage.HELO, rules, facts, s, s.helo, s.helo_hits,
-                                        s.headers)
-        if verdict is None and not s.accepted:
+        verdict, accept = self._run(Stage.HELO, rules, facts, s, s.helo, s.helo_hits,
+                                    s.helo_headers)
+        if verdict is None and not self._accept(accept, s, None):
             both = s.connect.copy()
             both.score += s.helo.score
             both.names += s.helo.names
             verdict = self._threshold(both, Stage.HELO)
         if verdict is not None and verdict.defer:
-            s.helo_pending = verdict
+            s.helo_pending = _at_rcpt(verdict)
             return None
         return verdict
 
@@ -349,12 +363,13 @@ class RulesCheck(Check):
             return None
         facts = await self._facts(session, Stage.MAIL)
         facts.sender = envelope.sender
-        verdict, tx.accepted = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
-                                         tx.headers)
-        verdict = verdict or (None if tx.accepted else self._threshold(tx.scores, Stage.MAIL))
+        verdict, accept = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
+                                    tx.headers)
+        accepted = self._accept(accept, s, tx)
+        verdict = verdict or (None if accepted else self._threshold(tx.scores, Stage.MAIL))
         self._log(envelope, tx)
         if verdict is not None and verdict.defer:
-            tx.pending = tx.pending or verdict
+            tx.pending = tx.pending or _at_rcpt(verdict)
             return None
         return verdict
 
@@ -368,10 +383,12 @@ class RulesCheck(Check):
     ) -> Verdict | None:
         s = self._session(session)
         tx = self._tx(session, envelope)
-        if s.accepted or tx.accepted:
-            return None
+        # a refusal decided before RCPT stands whatever a later accept says: deferring it must
+        # not change the outcome (a forged sender must not undo a DNSBL listing)
         if tx.pending is not None and not self._exempt(recipient):
             return tx.pending
+        if s.accepted or tx.accepted:
+            return None
         rules = self.by_stage[Stage.RCPT]
         if not rules:
             return None
@@ -380,8 +397,11 @@ class RulesCheck(Check):
         facts.recipients = envelope.recipients
         scores = tx.scores.copy()  # a recipient's rules decide for that recipient only
         hits: list[str] = []
-        verdict, _ = self._run(Stage.RCPT, rules, facts, s, scores, hits, tx.headers)
-        verdict = verdict or self._threshold(scores, Stage.RCPT)
+        added: list[bytes] = []
+        verdict, accept = self._run(Stage.RCPT, rules, facts, s, scores, hits, added)
+        accepted = self._accept(accept, s, tx) if accept is not None else False
+        verdict = verdict or (None if accepted else self._threshold(scores, Stage.RCPT))
+        tx.headers += [h for h in added if h not in tx.headers]  # once, however many match
         tx.hits += [h for h in hits if h not in tx.hits]
         if verdict is None or self._exempt(recipient):
             return None
@@ -401,9 +421,10 @@ class RulesCheck(Check):
         if rules and not (s.accepted or tx.accepted or tx.pending):
             facts = await self._facts(session, Stage.HEADERS)
             self._envelope_facts(facts, envelope, headers)
-            verdict, tx.accepted = self._run(Stage.HEADERS, rules, facts, s, tx.scores,
-                                             tx.hits, tx.headers)
-            verdict = verdict or (None if tx.accepted else
+            verdict, accept = self._run(Stage.HEADERS, rules, facts, s, tx.scores,
+                                        tx.hits, tx.headers)
+            accepted = self._accept(accept, s, tx)
+            verdict = verdict or (None if accepted else
                                   self._threshold(tx.scores, Stage.HEADERS))
             self._log(envelope, tx)
         for header in reversed(tx.headers):
@@ -443,8 +464,9 @@ class RulesCheck(Check):
                                  for name in (p.names or ("",))]
             facts.part_types = [p.content_type for p in tx.mime.parts]
         added: list[bytes] = []
-        verdict, tx.accepted = self._run(Stage.DATA, rules, facts, s, tx.scores, tx.hits, added)
-        verdict = verdict or (None if tx.accepted else self._threshold(tx.scores, Stage.DATA))
+        verdict, accept = self._run(Stage.DATA, rules, facts, s, tx.scores, tx.hits, added)
+        accepted = self._accept(accept, s, tx)
+        verdict = verdict or (None if accepted else self._threshold(tx.scores, Stage.DATA))
         if verdict is None and added and message.headers is not None:
             if message.headers_sent:
                 log.info("session %s: add_header too late for a message larger than "

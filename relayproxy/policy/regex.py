@@ -22,6 +22,14 @@ except ImportError:  # pragma: no cover
     _parser = None
 
 MIN_LITERAL = 3  # shorter literals are in every text: they would filter nothing
+# (?i)i also matches the dotless i, and the dotted capital I, which case-folds to i + U+0307:
+# fold both onto "i" so no match hides from the prefilter (it can only gain hits)
+_FOLD_FIX = {0x131: "i", 0x307: None}
+
+
+def fold(text: str) -> str:
+    """The text as the prefilter compares it: case-folded, dotted and dotless i as "i"."""
+    return text.casefold().translate(_FOLD_FIX)
 
 
 class Regex:
@@ -39,7 +47,7 @@ class Regex:
         body rules often name the same few words)."""
         literals = self.literals
         if literals is not None and len(text) > 256:  # short texts: searching is cheaper
-            low = folded if folded is not None else text.casefold()
+            low = folded if folded is not None else fold(text)
             if seen is None:
                 seen = {}
             for literal in literals:

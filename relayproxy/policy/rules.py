@@ -27,7 +27,7 @@ import msgspec
 
 from ..address import PathError, ascii_domain
 from .dnsbl import DnsblZone
-from .regex import Regex
+from .regex import Regex, fold
 
 
 class RuleError(ValueError):
@@ -135,7 +135,7 @@ class Facts:
     def folded_body(self) -> str:
         """The body case-folded once, for every body rule's prefilter."""
         if self._folded is None:
-            self._folded = self.body.casefold()
+            self._folded = fold(self.body)
         return self._folded
 
 
@@ -153,7 +153,9 @@ class Condition:
     needs_country: bool = False
 
 
-def _all(tests: Sequence[Test]) -> Test:
+def _combine(tests: Sequence[Test], decisive: bool) -> Test:
+    """AND (decisive False: one False decides) or OR (decisive True: one True decides), in
+    three-valued logic: without a decisive answer, any unknown makes the whole unknown."""
     if len(tests) == 1:
         return tests[0]
 
@@ -161,23 +163,10 @@ def _all(tests: Sequence[Test]) -> Test:
         unknown = False
         for t in tests:
             result = t(facts)
-            if result is False:
-                return False
+            if result is decisive:
+                return decisive
             unknown = unknown or result is None
-        return None if unknown else True
-
-    return test
-
-
-def _any(tests: Sequence[Test]) -> Test:
-    def test(facts: Facts) -> Tri:
-        unknown = False
-        for t in tests:
-            result = t(facts)
-            if result is True:
-                return True
-            unknown = unknown or result is None
-        return None if unknown else False
+        return None if unknown else not decisive
 
     return test
 
@@ -402,13 +391,13 @@ class _Builder:
             branches = [self.compile(sub, f"{prefix}any[{i}].") for i, sub in enumerate(m.any)]
             if not branches:
                 raise RuleError(f"{self.key(prefix + 'any')}: needs at least one table")
-            tests.append(_any([t for t, _ in branches]))
+            tests.append(_combine([t for t, _ in branches], True))
             found += [c for _, cs in branches for c in cs]
         if m.not_ is not None:
             inner, cs = self.compile(m.not_, prefix + "not.")
             tests.append(_not(inner))
             found += cs
-        return _all(tests), found
+        return _combine(tests, False), found
 
 
 # ---------------------------------------------------------------------- compiled rules
@@ -506,6 +495,11 @@ def _compile_rule(spec: RuleSpec, file: str, base: Path, countries: bool) -> Rul
         raise RuleError(f"{where}: header: only for add_header")
     if spec.scope != "session" and spec.action != "accept":
         raise RuleError(f"{where}: scope: only for accept")
+    if spec.scope == "transaction" and stage < Stage.MAIL:
+        raise RuleError(f"{where}: scope: a transaction exists from stage 'mail' on; "
+                        f"this rule runs at {stage.label!r}")
+    if spec.action == "add_header" and not header.isascii():
+        raise RuleError(f"{where}: header: ASCII only (RFC 2047 encode anything else)")
     return Rule(spec.name, file, stage, test, spec.action, reply, spec.score,
                 spec.monitor, spec.defer, spec.scope, header, spec.on_dns_error,
                 tuple(conditions))
