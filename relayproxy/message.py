@@ -138,7 +138,14 @@ class MessageStream:
             self.info.eight_bit = True  # refused at the end; not one 8-bit byte goes down
             return
         if self._head is None:
-            await self._body(forward)
+            if self._observers or self._window is not None or self.failure is not None:
+                await self._body(forward)
+                return
+            # the plain stream, once the header section is gone: nothing observes, nothing
+            # is held (this runs for every chunk of a large message: kept short)
+            self._out.append(forward)
+            if not self.reader.done:
+                await self._drain()
             return
         head = self._head
         head += forward
