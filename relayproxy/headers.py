@@ -12,6 +12,7 @@ that learns something later must not claim to have written it (prepend raises He
 
 from __future__ import annotations
 
+import contextlib
 import email.header
 import re
 from collections.abc import Callable, Iterator
@@ -55,10 +56,9 @@ class HeaderField:
         if self._decoded is None:
             value = self.value
             if "=?" in value:
-                try:
+                # HeaderParseError and friends: attackers write these; the value stays as written
+                with contextlib.suppress(Exception):
                     value = str(email.header.make_header(email.header.decode_header(value)))
-                except Exception:  # HeaderParseError and friends: attackers write these
-                    pass
             self._decoded = value
         return self._decoded
 

@@ -6,7 +6,8 @@ proxy does. Most patterns cannot match without one of a few literal strings ("ch
 or "lottery" in `(?i)(cheap|winner|lottery)-[0-9]+`). Those are found once, when the rules
 load, from the pattern's parse tree; a text that contains none of them (both case-folded, which
 never hides a match, even the long s that (?i)s matches) is not searched at all. A pattern
-without such literals is searched as it is. Like rspamd's and SpamAssassin's prefilters, this changes the cost, never the result.
+without such literals is searched as it is. Like rspamd's and SpamAssassin's prefilters, this
+changes the cost, never the result.
 """
 
 from __future__ import annotations

@@ -151,6 +151,10 @@ class Condition:
     dnsbl: tuple[DnsblZone, ...] = ()  # zones it needs looked up
     needs_rdns: bool = False
     needs_country: bool = False
+    # (text, literals): the condition is False unless one of the literals is in the folded
+    # text ("body", or "header:" and a lower-case field name); set on top-level conditions
+    # only, as the rule's AND then is False too (relayproxy.policy.engine skips the rule)
+    gate: tuple[str, tuple[str, ...]] | None = None
 
 
 def _combine(tests: Sequence[Test], decisive: bool) -> Test:
@@ -256,10 +260,7 @@ def _header_test(lname: str, rx: Regex) -> Test:
     def test(f: Facts) -> Tri:
         if f.headers is None:
             return False
-        for h in f.headers.get_lower(lname):
-            if rx.search(h.decoded):
-                return True
-        return False
+        return any(rx.search(h.decoded) for h in f.headers.get_lower(lname))
 
     return test
 
@@ -280,6 +281,8 @@ class _Builder:
         found: list[Condition] = []
 
         def add(name: str, stage: Stage, test: Test, **extra: Any) -> None:
+            if prefix:
+                extra.pop("gate", None)  # inside any/not a False decides nothing
             found.append(Condition(prefix + name, stage, test, **extra))
 
         m = match
@@ -359,14 +362,16 @@ class _Builder:
                 lambda f: len(f.recipients) + (f.recipient is not None) > limit)
         for name, pattern in (m.header or {}).items():
             rx = _regex(pattern, self.key(prefix + f"header.{name}"))
-            add(f"header.{name.lower()}", Stage.HEADERS, _header_test(name.lower(), rx))
+            add(f"header.{name.lower()}", Stage.HEADERS, _header_test(name.lower(), rx),
+                gate=(f"header:{name.lower()}", rx.literals) if rx.literals else None)
         if m.header_absent is not None:
             names = tuple(n.lower() for n in _as_list(m.header_absent))
             add("header_absent", Stage.HEADERS,
                 lambda f: f.headers is not None and any(not f.headers.get_all(n) for n in names))
         if m.body is not None:
             rx = _regex(m.body, self.key(prefix + "body"))
-            add("body", Stage.DATA, lambda f: rx.search(f.body, f.folded_body(), f.body_seen))
+            add("body", Stage.DATA, lambda f: rx.search(f.body, f.folded_body(), f.body_seen),
+                gate=("body", rx.literals) if rx.literals else None)
         if m.size_over is not None:
             size = m.size_over
             add("size_over", Stage.DATA, lambda f: f.size > size)
@@ -435,6 +440,11 @@ class Rule:
     def reads_body(self) -> bool:
         return any(c.key.endswith(("body", "attachment_name", "attachment_type"))
                    for c in self.conditions)
+
+    @property
+    def gate(self) -> tuple[str, tuple[str, ...]] | None:
+        """A top-level condition's gate: without one of its literals the rule is False."""
+        return next((c.gate for c in self.conditions if c.gate is not None), None)
 
     @property
     def reads_text(self) -> bool:
