@@ -212,3 +212,50 @@ def test_dnsbl_any_not_and_three_valued_logic(tmp_path: Path) -> None:
     assert rule.test(_facts(dnsbl={a: None, b: False})) is None
     assert rule.test(_facts(dnsbl={a: False, b: False})) is False
     assert {z.zone for z in rule.dnsbl_zones} == {"a.test", "b.test"}
+
+
+def test_literal_gates_never_skip_a_rule_that_hits(tmp_path: Path) -> None:
+    from relayproxy.policy.engine import _Plan
+
+    ruleset = _load(tmp_path, r"""
+        [[rule]]
+        name = "subject"
+        match.header.subject = '(?i)(cheap|prize)\b'
+        [[rule]]
+        name = "second-received"
+        match.header.received = 'by (relay|gateway)\.'
+        [[rule]]
+        name = "nested"
+        match.any = [{ header.subject = "(?i)nothing-here" }, { header_absent = "Date" }]
+        [[rule]]
+        name = "not"
+        match.not = { header.subject = "(?i)nothing-here" }
+        [[rule]]
+        name = "absent-field"
+        match.header.x-mailer = "(?i)bulkmail"
+        [[rule]]
+        name = "body"
+        match.body = '(?i)(viagra|lottery)'
+        [[rule]]
+        name = "body-and-size"
+        match.body = '(?i)lottery'
+        match.size_over = 10
+        [[rule]]
+        name = "no-literal"
+        match.body = 'a.b'
+    """)
+    headers = HeaderSection.parse(b"Subject: =?utf-8?q?CHEAP_stuff?=\r\n"
+                                  b"Received: from a by mx.test\r\nReceived: by gateway.test\r\n")
+    for body in ("", "short LOTTERY", "x" * 300 + " v\u0131agra", "nothing at all " * 30):
+        for stage in (Stage.HEADERS, Stage.DATA):
+            rules = ruleset.at(stage)
+            facts = _facts(headers=headers, body=body, size=100)
+            kept = {r.name for r in _Plan.of(rules).candidates(facts)}
+            hits = {r.name for r in rules
+                    if r.test(_facts(headers=headers, body=body, size=100)) is not False}
+            assert hits <= kept, (body, stage)
+    facts = _facts(headers=headers, body="nothing at all " * 30, size=100)
+    kept = {r.name for r in _Plan.of(ruleset.at(Stage.DATA)).candidates(facts)}
+    assert kept == {"no-literal"}  # the literal-gated body rules are skipped unread
+    kept = {r.name for r in _Plan.of(ruleset.at(Stage.HEADERS)).candidates(facts)}
+    assert kept == {"subject", "second-received", "nested", "not"}

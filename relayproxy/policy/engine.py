@@ -38,6 +38,7 @@ from ..headers import HeaderSection
 from .dnsbl import Dnsbl, DnsblAnswer, DnsblZone, Listing
 from .geo import CountryDB
 from .mime import MimeScanner
+from .regex import fold
 from .rules import Facts, Rule, RuleSet, Stage
 from .verdict import Action, Verdict
 
@@ -114,6 +115,65 @@ class _TxState:
     mime: MimeScanner | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A stage's rules, with the literal gates that let most of them be skipped unread."""
+
+    rules: tuple[Rule, ...]
+    gates: tuple[int, ...]  # per rule: the index of its gate, -1 when it has none
+    ungated: tuple[Rule, ...]  # the rules without a gate, for when no gate passes
+    # per text (the body: None, or a header field's lower-case name): each literal, with the
+    # gates it opens
+    texts: tuple[tuple[str | None, tuple[tuple[str, tuple[int, ...]], ...]], ...]
+
+    @classmethod
+    def of(cls, rules: tuple[Rule, ...]) -> _Plan:
+        index: dict[tuple[str, tuple[str, ...]], int] = {}
+        gates = []
+        for rule in rules:
+            gate = rule.gate
+            gates.append(-1 if gate is None else index.setdefault(gate, len(index)))
+        by_text: dict[str | None, dict[str, list[int]]] = {}
+        for (text, literals), i in index.items():
+            name = None if text == "body" else text.removeprefix("header:")
+            for literal in literals:
+                by_text.setdefault(name, {}).setdefault(literal, []).append(i)
+        texts = tuple((name, tuple((lit, tuple(g)) for lit, g in lits.items()))
+                      for name, lits in by_text.items())
+        return cls(rules, tuple(gates), tuple(r for r, g in zip(rules, gates, strict=True)
+                                                         if g < 0), texts)
+
+    def candidates(self, facts: Facts) -> tuple[Rule, ...] | list[Rule]:
+        """The rules that may hit: a gated rule whose text holds none of its literals is
+        False (the prefilter never hides a match), so each text is looked through once for
+        all of them instead of once per rule."""
+        passed: set[int] = set()
+        headers = facts.headers
+        for name, literals in self.texts:
+            if name is None:
+                folded = facts.folded_body()
+                seen = facts.body_seen  # shared with the body rules that do run
+                for literal, gates in literals:
+                    hit = seen.get(literal)
+                    if hit is None:
+                        hit = seen[literal] = literal in folded
+                    if hit:
+                        passed.update(gates)
+                continue
+            fields = [] if headers is None else headers.get_lower(name)
+            if not fields:
+                continue  # an absent field never matches
+            # several fields of one name joined: a literal across the joint only costs a search
+            folded = fold(fields[0].decoded if len(fields) == 1 else
+                          "\0".join(h.decoded for h in fields))
+            for literal, gates in literals:
+                if literal in folded:
+                    passed.update(gates)
+        if not passed:
+            return self.ungated
+        return [r for r, g in zip(self.rules, self.gates, strict=True) if g < 0 or g in passed]
+
+
 class _Body(BodyObserver):
     def __init__(self, scanner: MimeScanner) -> None:
         self.scanner = scanner
@@ -143,6 +203,7 @@ class RulesCheck(Check):
         self.countries = countries
         self.trace = trace
         self.by_stage = {stage: ruleset.at(stage) for stage in Stage}
+        self.plans = {stage: _Plan.of(rules) for stage, rules in self.by_stage.items()}
         # what each stage's rules need looked up, computed once
         self.stage_zones = {stage: frozenset(z for r in rules for z in r.dnsbl_zones)
                             for stage, rules in self.by_stage.items()}
@@ -238,7 +299,9 @@ class RulesCheck(Check):
         are updated."""
         global_monitor = self.settings.mode == "monitor"
         trace = s.trace
-        for rule in rules:
+        # a trace lists every rule; otherwise rules that cannot hit are not even called
+        plan = self.plans[stage]
+        for rule in rules if trace is not None or not plan.texts else plan.candidates(facts):
             result = rule.test(facts)
             if result is False and trace is None:
                 continue  # the common case, kept short: fifty rules run per message
