@@ -203,6 +203,7 @@ class RulesCheck(Check):
         self.countries = countries
         self.trace = trace
         self.by_stage = {stage: ruleset.at(stage) for stage in Stage}
+        self._addrs: dict[str, Any] = {}  # client address -> parsed (False: unparseable)
         self.plans = {stage: _Plan.of(rules) for stage, rules in self.by_stage.items()}
         # what each stage's rules need looked up, computed once
         self.stage_zones = {stage: frozenset(z for r in rules for z in r.dnsbl_zones)
@@ -258,18 +259,28 @@ class RulesCheck(Check):
     async def _facts(self, session: SessionInfo, stage: Stage) -> Facts:
         s = self._session(session)
         if s.addr is None:
-            try:
-                s.addr = ipaddress.ip_address(session.client_ip)
-            except ValueError:
-                s.addr = False
+            # parsed once per address, not per session: most clients come back
+            addr = self._addrs.get(session.client_ip)
+            if addr is None:
+                try:
+                    addr = ipaddress.ip_address(session.client_ip)
+                except ValueError:
+                    addr = False
+                if len(self._addrs) >= 4096:
+                    self._addrs.clear()
+                self._addrs[session.client_ip] = addr
+            s.addr = addr
         facts = Facts(session.client_ip, s.addr or None, self.settings.hostname,
                       helo=session.helo, country=s.country)
         zones = self.stage_zones[stage]
-        need_rdns = self.stage_rdns[stage]
+        need_rdns = self.stage_rdns[stage] and not s.rdns_known
+        if need_rdns and session.name_lookup is None:
+            # reverse DNS is off: the name is unknown, and nothing to wait for (no timer)
+            s.rdns, s.rdns_known, need_rdns = None, True, False
         if zones or need_rdns:
             try:
                 async with asyncio.timeout(self.settings.check_timeout):
-                    if need_rdns and not s.rdns_known:
+                    if need_rdns:
                         s.rdns = await self._rdns(session)
                         s.rdns_known = True
                     for zone in zones:
