@@ -117,6 +117,11 @@ class Part:
     names: tuple[str, ...] = field(default=(), compare=False)
 
 
+# the Part of an entity without Content-Type and Content-Disposition, by its default type
+# (a handful: text/plain, message/rfc822 in a digest, application/octet-stream when opaque)
+_UNNAMED: dict[str, Part] = {}
+
+
 class MimeScanner:
     """Learns the parts and the text of one message body, fed in chunks.
 
@@ -346,11 +351,17 @@ class MimeScanner:
                 self._frames.append(frame)
                 frame.preamble = self._text = self._new_text(_Identity(), None)
                 return
-        name = dparams.get("filename") or params.get("name") or ""
-        others = (*_plain_values(disposition, "filename"), params.get("name", ""),
-                  *_plain_values(content_type, "name"))
-        names = tuple(dict.fromkeys(n for n in (_display_name(v) for v in (name, *others)) if n))
-        self._parts.append(Part(mtype, _display_name(name), disp, names))
+        if content_type is None and disposition is None:
+            # no field to name the part (a plain message body): one shared frozen Part
+            part = _UNNAMED.get(mtype) or _UNNAMED.setdefault(mtype, Part(mtype, "", ""))
+        else:
+            name = dparams.get("filename") or params.get("name") or ""
+            others = (*_plain_values(disposition, "filename"), params.get("name", ""),
+                      *_plain_values(content_type, "name"))
+            names = tuple(dict.fromkeys(
+                n for n in (_display_name(v) for v in (name, *others)) if n))
+            part = Part(mtype, _display_name(name), disp, names)
+        self._parts.append(part)
         if mtype in _MESSAGE_TYPES and cte not in ("base64", "quoted-printable"):
             self._enter_headers("text/plain")
         elif mtype in _TEXT_TYPES:
