@@ -122,6 +122,7 @@ class RulesConfig:
     body_scan_bytes: Positive = 262_144
     check_timeout: Seconds = 10.0
     country_db: str = ""
+    greylist_delay: NonNegative = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from .dns import ClientNames
 from .policy.dnsbl import Dnsbl
 from .policy.engine import RulesCheck, Settings
 from .policy.geo import CountryDB
-from .policy.limits import Limit, Limits, RecipientCache
+from .policy.limits import Greylist, Limit, Limits, RecipientCache
 from .policy.rules import RuleError, load_rules
 from .policy.state import Store
 
@@ -52,8 +52,15 @@ def load_check(spec: str) -> Check:
 def policy_checks(config: Config, services: Services, trace: bool = False) -> list[Check]:
     """The rules engine and the limits of the configured rule files ([] without any)."""
     rc = config.rules
+    checks: list[Check] = []
+    if rc.greylist_delay:
+        # after the limits and the rules, so a refused client is not also greylisted
+        try:
+            checks.append(Greylist(services.store, delay=rc.greylist_delay))
+        except ValueError as exc:
+            raise ConfigError(f"rules.greylist_delay: {exc}") from None
     if not rc.files:
-        return []
+        return checks
     countries = None
     try:
         if rc.country_db:
@@ -66,20 +73,20 @@ def policy_checks(config: Config, services: Services, trace: bool = False) -> li
         raise ConfigError(f"rules: {exc}") from None
     settings = Settings(rc.mode, rc.reject_score, rc.tempfail_score, rc.exempt_recipients,
                         rc.body_scan_bytes, rc.check_timeout, config.server.hostname)
-    # refusals only: positive entries serve greylisting, which is not configured
+    # refusals only: nothing here reads positive entries
     cache = RecipientCache(services.store, positive_ttl=0)
-    checks: list[Check] = []
+    policy: list[Check] = []
     if limits:
         for limit in limits:
             metrics.RULE_HITS.labels(limit.name, limit.action)
             metrics.RULE_HITS.labels(limit.name, "monitor")
         # the limits consult the cache themselves: a cached refusal still counts as an
         # unknown recipient, or probing known-bad addresses would never be counted
-        checks.append(Limits(limits, services.store, recipient_cache=cache, on_hit=_count_hit))
+        policy.append(Limits(limits, services.store, recipient_cache=cache, on_hit=_count_hit))
     else:
-        checks.append(cache)
-    checks.append(RulesCheck(ruleset, settings, services.dnsbl, countries, trace=trace))
-    return checks
+        policy.append(cache)
+    policy.append(RulesCheck(ruleset, settings, services.dnsbl, countries, trace=trace))
+    return policy + checks
 
 
 def _count_hit(limit: Limit, enforced: bool) -> None:

@@ -719,3 +719,31 @@ def test_monitor_mode_covers_limits_and_no_reverse_dns_is_unknown(
     # reverse_dns is off in the test config: no-fcrdns is unknown, so it never hits
     assert proxy.metric("relayproxy_rule_hits_total",
                         {"rule": "no-fcrdns", "action": "monitor"}) == 0
+
+
+def test_greylisting_after_the_downstream_accepted_and_the_retry_passes(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory
+) -> None:
+    server = scripted()
+    proxy = proxy_factory(base_config(server.port, rules={"greylist_delay": 1}))
+
+    def attempt() -> dict[str, Any]:
+        return _transaction(proxy, rcpts=("alice@relay.test", "bob@relay.test"), body=MESSAGE)
+
+    first = attempt()
+    assert [_code(r) for r in first["rcpt"]] == [(451, "4.7.1")] * 2, first["rcpt"]
+    assert "Greylisted" in first["rcpt"][0].text
+    assert "dot" not in first
+    # the downstream had accepted them: its transaction was started over without them
+    commands = server.all_commands
+    assert commands.count("RSET") >= 2, commands
+    # a retry within the window, after the delay, passes (bounded poll, no fixed sleep)
+    def passes() -> dict[str, Any] | None:
+        out = attempt()
+        return out if out["rcpt"][0].code == 250 else None
+
+    retry = wait_until(passes, "the greylisted retry to pass", 10)
+    assert [r.code for r in retry["rcpt"]] == [250, 250] and retry["dot"].code == 250
+    server.wait_for_messages(1)
+    (tx,) = server.transactions
+    assert tx.rcpts == ["RCPT TO:<alice@relay.test>", "RCPT TO:<bob@relay.test>"], tx.rcpts
