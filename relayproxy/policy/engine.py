@@ -373,14 +373,21 @@ class RulesCheck(Check):
                 tx.accepted = True
         return s.accepted or (tx is not None and tx.accepted)
 
-    def _threshold(self, scores: _Scores, stage: Stage) -> Verdict | None:
+    def _threshold(self, scores: _Scores, stage: Stage, *more: _Scores) -> Verdict | None:
+        """The refusal the scores (added up) call for, if any."""
         st = self.settings
-        names = ", ".join(scores.names)
-        if st.reject_score and scores.score >= st.reject_score:
+        score = scores.score
+        for m in more:
+            score += m.score
+        if not ((st.reject_score and score >= st.reject_score)
+                or (st.tempfail_score and score >= st.tempfail_score)):
+            return None  # the usual case: no names to join
+        names = ", ".join([*scores.names, *(n for m in more for n in m.names)])
+        if st.reject_score and score >= st.reject_score:
             return Verdict(Action.REJECT, f"Rejected by policy ({names})",
                            554 if stage == Stage.CONNECT else 550, "5.7.1", source="rule",
                            check="score", defer=True)
-        if st.tempfail_score and scores.score >= st.tempfail_score:
+        if st.tempfail_score and score >= st.tempfail_score:
             return Verdict(Action.TEMPFAIL, f"Temporarily rejected by policy ({names}), "
                            "try again later", 421 if stage == Stage.CONNECT else 451, "4.7.1",
                            source="rule", check="score", defer=True)
@@ -419,10 +426,7 @@ class RulesCheck(Check):
         verdict, accept = self._run(Stage.HELO, rules, facts, s, s.helo, s.helo_hits,
                                     s.helo_headers)
         if verdict is None and not self._accept(accept, s, None):
-            both = s.connect.copy()
-            both.score += s.helo.score
-            both.names += s.helo.names
-            verdict = self._threshold(both, Stage.HELO)
+            verdict = self._threshold(s.connect, Stage.HELO, s.helo)
         if verdict is not None and verdict.defer:
             s.helo_pending = _at_rcpt(verdict)
             return None
