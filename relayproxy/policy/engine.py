@@ -210,6 +210,8 @@ class RulesCheck(Check):
                             for stage, rules in self.by_stage.items()}
         self.stage_rdns = {stage: any(r.needs_rdns for r in rules)
                            for stage, rules in self.by_stage.items()}
+        self.waits = {stage: bool(self.stage_zones[stage] or self.stage_rdns[stage])
+                      for stage in Stage}
         self.zones = frozenset(z for r in ruleset.rules for z in r.dnsbl_zones)
         self.needs_rdns = any(r.needs_rdns for r in ruleset.rules)
         self.needs_country = any(r.needs_country for r in ruleset.rules)
@@ -256,8 +258,8 @@ class RulesCheck(Check):
 
     # facts
 
-    async def _facts(self, session: SessionInfo, stage: Stage) -> Facts:
-        s = self._session(session)
+    def _facts(self, session: SessionInfo, s: _SessionState) -> Facts:
+        """The facts known without waiting; _wait adds the DNS ones a stage needs."""
         if s.addr is None:
             # parsed once per address, not per session: most clients come back
             addr = self._addrs.get(session.client_ip)
@@ -270,8 +272,13 @@ class RulesCheck(Check):
                     self._addrs.clear()
                 self._addrs[session.client_ip] = addr
             s.addr = addr
-        facts = Facts(session.client_ip, s.addr or None, self.settings.hostname,
-                      helo=session.helo, country=s.country)
+        return Facts(session.client_ip, s.addr or None, self.settings.hostname,
+                     helo=session.helo, country=s.country,
+                     rdns=s.rdns if s.rdns_known else None)
+
+    async def _wait(self, session: SessionInfo, s: _SessionState, stage: Stage,
+                    facts: Facts) -> None:
+        """Wait (within rules.check_timeout) for the DNS facts the stage's rules read."""
         zones = self.stage_zones[stage]
         need_rdns = self.stage_rdns[stage] and not s.rdns_known
         if need_rdns and session.name_lookup is None:
@@ -291,7 +298,6 @@ class RulesCheck(Check):
                 log.warning("session %s: rules facts timed out after %.1fs",
                             session.session_id, self.settings.check_timeout)
         facts.rdns = s.rdns if s.rdns_known else None
-        return facts
 
     async def _rdns(self, session: SessionInfo) -> str | None:
         if session.name_lookup is None:
@@ -405,7 +411,9 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.CONNECT]
         if not rules:
             return None
-        facts = await self._facts(session, Stage.CONNECT)
+        facts = self._facts(session, s)
+        if self.waits[Stage.CONNECT]:
+            await self._wait(session, s, Stage.CONNECT, facts)
         verdict, accept = self._run(Stage.CONNECT, rules, facts, s, s.connect, s.hits,
                                     s.headers)
         accepted = self._accept(accept, s, None)
@@ -422,7 +430,9 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.HELO]
         if s.accepted or not rules:
             return None
-        facts = await self._facts(session, Stage.HELO)
+        facts = self._facts(session, s)
+        if self.waits[Stage.HELO]:
+            await self._wait(session, s, Stage.HELO, facts)
         verdict, accept = self._run(Stage.HELO, rules, facts, s, s.helo, s.helo_hits,
                                     s.helo_headers)
         if verdict is None and not self._accept(accept, s, None):
@@ -439,7 +449,9 @@ class RulesCheck(Check):
         if s.accepted or not rules:
             self._log(envelope, tx)
             return None
-        facts = await self._facts(session, Stage.MAIL)
+        facts = self._facts(session, s)
+        if self.waits[Stage.MAIL]:
+            await self._wait(session, s, Stage.MAIL, facts)
         facts.sender = envelope.sender
         verdict, accept = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
                                     tx.headers)
@@ -470,7 +482,9 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.RCPT]
         if not rules:
             return None
-        facts = await self._facts(session, Stage.RCPT)
+        facts = self._facts(session, s)
+        if self.waits[Stage.RCPT]:
+            await self._wait(session, s, Stage.RCPT, facts)
         facts.sender, facts.recipient = envelope.sender, recipient
         facts.recipients = envelope.recipients
         scores = tx.scores.copy()  # a recipient's rules decide for that recipient only
@@ -492,12 +506,15 @@ class RulesCheck(Check):
         tx = self._tx(session, envelope)
         verdict = None
         if self.reads_body:
-            tx.mime = MimeScanner(headers.get("Content-Type"),
-                                  headers.get("Content-Transfer-Encoding"),
-                                  self.text_budget)
+            ctype = headers.get_lower("content-type")
+            cte = headers.get_lower("content-transfer-encoding")
+            tx.mime = MimeScanner(ctype[0].value if ctype else None,
+                                  cte[0].value if cte else None, self.text_budget)
         rules = self.by_stage[Stage.HEADERS]
         if rules and not (s.accepted or tx.accepted or tx.pending):
-            facts = await self._facts(session, Stage.HEADERS)
+            facts = self._facts(session, s)
+            if self.waits[Stage.HEADERS]:
+                await self._wait(session, s, Stage.HEADERS, facts)
             self._envelope_facts(facts, envelope, headers)
             verdict, accept = self._run(Stage.HEADERS, rules, facts, s, tx.scores,
                                         tx.hits, tx.headers)
@@ -532,7 +549,9 @@ class RulesCheck(Check):
         # mail (abuse reports quote spam) is not refused now
         if not rules or s.accepted or tx.accepted or tx.pending:
             return None
-        facts = await self._facts(session, Stage.DATA)
+        facts = self._facts(session, s)
+        if self.waits[Stage.DATA]:
+            await self._wait(session, s, Stage.DATA, facts)
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
         if tx.mime is not None:
