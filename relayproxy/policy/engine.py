@@ -122,9 +122,10 @@ class _Plan:
     rules: tuple[Rule, ...]
     gates: tuple[int, ...]  # per rule: the index of its gate, -1 when it has none
     ungated: tuple[Rule, ...]  # the rules without a gate, for when no gate passes
-    # per text (the body: None, or a header field's lower-case name): each literal, with the
-    # gates it opens
-    texts: tuple[tuple[str | None, tuple[tuple[str, tuple[int, ...]], ...]], ...]
+    # each literal with the gates it opens: in the body, in the header fields named
+    body: tuple[tuple[str, tuple[int, ...]], ...]
+    header: tuple[tuple[str, tuple[int, ...]], ...]
+    fields: tuple[str, ...]  # lower-case names
 
     @classmethod
     def of(cls, rules: tuple[Rule, ...]) -> _Plan:
@@ -133,42 +134,44 @@ class _Plan:
         for rule in rules:
             gate = rule.gate
             gates.append(-1 if gate is None else index.setdefault(gate, len(index)))
-        by_text: dict[str | None, dict[str, list[int]]] = {}
+        body: dict[str, list[int]] = {}
+        header: dict[str, list[int]] = {}
+        fields: dict[str, None] = {}
         for (text, literals), i in index.items():
-            name = None if text == "body" else text.removeprefix("header:")
+            if text != "body":
+                fields[text.removeprefix("header:")] = None
             for literal in literals:
-                by_text.setdefault(name, {}).setdefault(literal, []).append(i)
-        texts = tuple((name, tuple((lit, tuple(g)) for lit, g in lits.items()))
-                      for name, lits in by_text.items())
-        return cls(rules, tuple(gates), tuple(r for r, g in zip(rules, gates, strict=True)
-                                                         if g < 0), texts)
+                (body if text == "body" else header).setdefault(literal, []).append(i)
+        return cls(rules, tuple(gates),
+                   tuple(r for r, g in zip(rules, gates, strict=True) if g < 0),
+                   tuple((lit, tuple(g)) for lit, g in body.items()),
+                   tuple((lit, tuple(g)) for lit, g in header.items()), tuple(fields))
 
     def candidates(self, facts: Facts) -> tuple[Rule, ...] | list[Rule]:
         """The rules that may hit: a gated rule whose text holds none of its literals is
         False (the prefilter never hides a match), so each text is looked through once for
         all of them instead of once per rule."""
         passed: set[int] = set()
-        headers = facts.headers
-        for name, literals in self.texts:
-            if name is None:
-                folded = facts.folded_body()
-                seen = facts.body_seen  # shared with the body rules that do run
-                for literal, gates in literals:
-                    hit = seen.get(literal)
-                    if hit is None:
-                        hit = seen[literal] = literal in folded
-                    if hit:
-                        passed.update(gates)
-                continue
-            fields = [] if headers is None else headers.get_lower(name)
-            if not fields:
-                continue  # an absent field never matches
-            # several fields of one name joined: a literal across the joint only costs a search
-            folded = fold(fields[0].decoded if len(fields) == 1 else
-                          "\0".join(h.decoded for h in fields))
-            for literal, gates in literals:
-                if literal in folded:
+        if self.body:
+            folded = facts.folded_body()
+            seen = facts.body_seen  # shared with the body rules that do run
+            for literal, gates in self.body:
+                hit = seen.get(literal)
+                if hit is None:
+                    hit = seen[literal] = literal in folded
+                if hit:
                     passed.update(gates)
+        headers = facts.headers
+        if self.header and headers is not None:
+            # the fields of every gate in one text: a literal found in another rule's field
+            # (or across a joint) only costs that rule its own search; an absent field never
+            # matches, and a rule on it is then skipped
+            values = [h.decoded for name in self.fields for h in headers.get_lower(name)]
+            if values:
+                folded = fold("\0".join(values))
+                for literal, gates in self.header:
+                    if literal in folded:
+                        passed.update(gates)
         if not passed:
             return self.ungated
         return [r for r, g in zip(self.rules, self.gates, strict=True) if g < 0 or g in passed]
@@ -318,7 +321,8 @@ class RulesCheck(Check):
         trace = s.trace
         # a trace lists every rule; otherwise rules that cannot hit are not even called
         plan = self.plans[stage]
-        for rule in rules if trace is not None or not plan.texts else plan.candidates(facts):
+        gated = plan.body or plan.header
+        for rule in rules if trace is not None or not gated else plan.candidates(facts):
             result = rule.test(facts)
             if result is False and trace is None:
                 continue  # the common case, kept short: fifty rules run per message
