@@ -591,7 +591,9 @@ def _codec(charset: str | None) -> str:
     alike, and undeclared 8-bit text is UTF-8 far more often than anything else (RFC 6532).
     Codecs that are no text encodings (zlib, base64...) are never chosen by a message.
     """
-    name = encodings.normalize_encoding((charset or "").strip().lower())
+    if charset is None:
+        return "utf-8"  # most parts name no charset: no normalising, no lookup
+    name = encodings.normalize_encoding(charset.strip().lower())
     if name not in _KNOWN_CHARSETS:
         return "utf-8"
     try:
