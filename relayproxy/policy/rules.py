@@ -367,7 +367,8 @@ class _Builder:
         if m.header_absent is not None:
             names = tuple(n.lower() for n in _as_list(m.header_absent))
             add("header_absent", Stage.HEADERS,
-                lambda f: f.headers is not None and any(not f.headers.get_all(n) for n in names))
+                lambda f: f.headers is not None and any(not f.headers.get_lower(n)
+                                                        for n in names))
         if m.body is not None:
             rx = _regex(m.body, self.key(prefix + "body"))
             add("body", Stage.DATA, lambda f: rx.search(f.body, f.folded_body(), f.body_seen),
