@@ -548,6 +548,9 @@ class RulesCheck(Check):
     ) -> Verdict | None:
         s = self._session(session)
         tx = self._tx(session, envelope)
+        # the scanner is read once, here: its text (up to rules.body_scan_bytes) need not
+        # live as long as the transaction (until the next MAIL, on a busy connection)
+        mime, tx.mime = tx.mime, None
         rules = self.by_stage[Stage.DATA]
         # pending: a refusal from before RCPT that only exempt recipients got past; their
         # mail (abuse reports quote spam) is not refused now
@@ -558,12 +561,12 @@ class RulesCheck(Check):
             await self._wait(session, s, Stage.DATA, facts)
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
-        if tx.mime is not None:
-            tx.mime.close()
-            facts.body = tx.mime.text
-            facts.attachments = [(name, p.content_type) for p in tx.mime.attachments
+        if mime is not None:
+            mime.close()
+            facts.body = mime.text
+            facts.attachments = [(name, p.content_type) for p in mime.attachments
                                  for name in (p.names or ("",))]
-            facts.part_types = [p.content_type for p in tx.mime.parts]
+            facts.part_types = [p.content_type for p in mime.parts]
         added: list[bytes] = []
         verdict, accept = self._run(Stage.DATA, rules, facts, s, tx.scores, tx.hits, added)
         accepted = self._accept(accept, s, tx)
