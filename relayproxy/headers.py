@@ -47,7 +47,8 @@ class HeaderField:
         """The unfolded value (RFC 5322 2.2.3), undecoded; 8-bit bytes as UTF-8 where valid."""
         text = self.raw.decode("utf-8", "surrogateescape")
         value = text.split(":", 1)[1] if ":" in text else ""
-        return _FOLD.sub("", value).strip()
+        # a line break that _FOLD removes has a character after it: one-line fields skip it
+        return (_FOLD.sub("", value) if "\n" in value[:-1] else value).strip()
 
     @property
     def decoded(self) -> str:
