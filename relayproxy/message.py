@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 
 from .checks import Envelope, MessageInfo, Pipeline, SessionInfo
-from .checks.base import Observing, check_failed, guarded
+from .checks.base import BodyObserver, Observing, check_failed, guarded
 from .config import ServerConfig
 from .connection import ClientConnection
 from .dotreader import DotReader, Unstuffer
@@ -257,10 +257,14 @@ class MessageStream:
             # the limits refuse it; nobody else needs to be asked
             return await self.pipeline.data_end(self.session, self.envelope, self.info)
         observers, self._observers = self._observers, []
+        # an observer that keeps BodyObserver's end has no verdict to give: not called (the
+        # rules engine reads the body through one and decides at on_data_end)
+        observers = [w for w in observers if type(w.observer).end is not BodyObserver.end]
+        verdicts: list[Verdict | None] = []
         if len(observers) == 1:  # no tasks to spawn for one (the usual case)
             (w,) = observers
             verdicts = [await guarded(w.name, "data", w.observer.end(self.info), w.deadline)]
-        else:
+        elif observers:
             # in parallel: a scanner's verdict may take a while, and each has its deadline
             verdicts = await asyncio.gather(*(
                 guarded(w.name, "data", w.observer.end(self.info), w.deadline)
