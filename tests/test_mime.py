@@ -579,8 +579,11 @@ def test_large_attachment_costs_little_more_than_the_boundary_search() -> None:
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"))
                | st.sampled_from(["\n", "=", "-", " ", "\t"]), max_size=300)
+# Python's email.utils.unquote strips a name's surrounding <...> (get_filename gives "" for
+# "<>"); the scanner keeps the name as written, so such names are no oracle for it
 NAMES = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")),
-                min_size=1, max_size=60).filter(lambda s: "=?" not in s and s.strip() != "")
+                min_size=1, max_size=60).filter(
+    lambda s: "=?" not in s and s.strip() != "" and not (s.startswith("<") and s.endswith(">")))
 
 
 @st.composite
