@@ -21,7 +21,8 @@ from .dns import ClientNames
 from .policy.dnsbl import Dnsbl
 from .policy.engine import RulesCheck, Settings
 from .policy.geo import CountryDB
-from .policy.limits import Greylist, Limit, Limits, RecipientCache
+from .policy.limits import Limit, Limits
+from .policy.recipients import Greylist, RecipientCache
 from .policy.rules import RuleError, load_rules
 from .policy.state import Store
 

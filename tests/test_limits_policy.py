@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 import pytest
 
 from relayproxy.checks.base import Envelope, SessionInfo
-from relayproxy.policy.limits import Greylist, Limit, Limits, RecipientCache, client_net
-from relayproxy.policy.state import MemoryStore
+from relayproxy.policy.limits import Limit, Limits
+from relayproxy.policy.recipients import Greylist, RecipientCache
+from relayproxy.policy.state import MemoryStore, client_net
 from relayproxy.policy.verdict import Action, Verdict
 from relayproxy.replies import Reply, for_verdict
 

@@ -19,12 +19,16 @@ keys) is paid for by as many insertions.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
 import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
+
+from ..address import PathError, ascii_domain
 
 
 class Store(Protocol):
@@ -181,3 +185,47 @@ class MemoryStore:
             del self._entries[key]
         while len(self._entries) > target:
             self._entries.popitem(last=False)
+
+
+# the keys limits, the recipient cache and greylisting store under, and the value checks
+# their constructors share
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def int_in(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+@functools.lru_cache(maxsize=4096)
+def client_net(ip: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
+    """The network holding ip ("192.0.2.0/24"); something that is no address is its own."""
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])  # without an IPv6 zone
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(ipaddress.IPv4Network((address, ipv4_prefix), strict=False))
+    return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+
+
+def _domain(domain: str) -> str:
+    try:
+        return ascii_domain(domain)
+    except PathError:
+        return domain.lower()
+
+
+def address_key(address: str, fold_local: bool) -> str:
+    """An address as a key: its domain as lower-case A-labels, its local part lower-cased if
+    fold_local; "<>" for the null address."""
+    if not address:
+        return "<>"
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address.lower()  # <postmaster>: case-insensitive (RFC 5321 4.5.1)
+    return f"{local.lower() if fold_local else local}@{_domain(domain)}"
