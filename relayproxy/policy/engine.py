@@ -279,6 +279,14 @@ class RulesCheck(Check):
                      helo=session.helo, country=s.country,
                      rdns=s.rdns if s.rdns_known else None)
 
+    async def _stage_facts(self, session: SessionInfo, s: _SessionState, stage: Stage
+                           ) -> Facts:
+        """The facts a stage's rules read, waiting only when they need DNS answers."""
+        facts = self._facts(session, s)
+        if self.waits[stage]:
+            await self._wait(session, s, stage, facts)
+        return facts
+
     async def _wait(self, session: SessionInfo, s: _SessionState, stage: Stage,
                     facts: Facts) -> None:
         """Wait (within rules.check_timeout) for the DNS facts the stage's rules read."""
@@ -415,9 +423,7 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.CONNECT]
         if not rules:
             return None
-        facts = self._facts(session, s)
-        if self.waits[Stage.CONNECT]:
-            await self._wait(session, s, Stage.CONNECT, facts)
+        facts = await self._stage_facts(session, s, Stage.CONNECT)
         verdict, accept = self._run(Stage.CONNECT, rules, facts, s, s.connect, s.hits,
                                     s.headers)
         accepted = self._accept(accept, s, None)
@@ -434,9 +440,7 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.HELO]
         if s.accepted or not rules:
             return None
-        facts = self._facts(session, s)
-        if self.waits[Stage.HELO]:
-            await self._wait(session, s, Stage.HELO, facts)
+        facts = await self._stage_facts(session, s, Stage.HELO)
         verdict, accept = self._run(Stage.HELO, rules, facts, s, s.helo, s.helo_hits,
                                     s.helo_headers)
         if verdict is None and not self._accept(accept, s, None):
@@ -453,9 +457,7 @@ class RulesCheck(Check):
         if s.accepted or not rules:
             self._log(envelope, tx)
             return None
-        facts = self._facts(session, s)
-        if self.waits[Stage.MAIL]:
-            await self._wait(session, s, Stage.MAIL, facts)
+        facts = await self._stage_facts(session, s, Stage.MAIL)
         facts.sender = envelope.sender
         verdict, accept = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
                                     tx.headers)
@@ -486,9 +488,7 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.RCPT]
         if not rules:
             return None
-        facts = self._facts(session, s)
-        if self.waits[Stage.RCPT]:
-            await self._wait(session, s, Stage.RCPT, facts)
+        facts = await self._stage_facts(session, s, Stage.RCPT)
         facts.sender, facts.recipient = envelope.sender, recipient
         facts.recipients = envelope.recipients
         scores = tx.scores.copy()  # a recipient's rules decide for that recipient only
@@ -516,9 +516,7 @@ class RulesCheck(Check):
                                   cte[0].value if cte else None, self.text_budget)
         rules = self.by_stage[Stage.HEADERS]
         if rules and not (s.accepted or tx.accepted or tx.pending):
-            facts = self._facts(session, s)
-            if self.waits[Stage.HEADERS]:
-                await self._wait(session, s, Stage.HEADERS, facts)
+            facts = await self._stage_facts(session, s, Stage.HEADERS)
             self._envelope_facts(facts, envelope, headers)
             verdict, accept = self._run(Stage.HEADERS, rules, facts, s, tx.scores,
                                         tx.hits, tx.headers)
@@ -556,9 +554,7 @@ class RulesCheck(Check):
         # mail (abuse reports quote spam) is not refused now
         if not rules or s.accepted or tx.accepted or tx.pending:
             return None
-        facts = self._facts(session, s)
-        if self.waits[Stage.DATA]:
-            await self._wait(session, s, Stage.DATA, facts)
+        facts = await self._stage_facts(session, s, Stage.DATA)
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
         if mime is not None:
