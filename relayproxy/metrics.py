@@ -23,7 +23,7 @@ from prometheus_client import (
 CONNECTION_REFUSAL_REASONS: Final = ("max_connections", "max_connections_per_ip")
 MESSAGE_OUTCOMES: Final = ("accepted", "rejected", "tempfailed", "aborted")
 RECIPIENT_OUTCOMES: Final = ("accepted", "rejected", "tempfailed")
-DECISION_SOURCES: Final = ("local", "rule", "downstream")
+DECISION_SOURCES: Final = ("local", "rule", "auth", "scanner", "downstream")
 REJECTION_STAGES: Final = ("connect", "helo", "mail", "rcpt", "data", "dot")
 REPLY_CLASSES: Final = ("4xx", "5xx")
 PROTOCOL_ERROR_KINDS: Final = (
@@ -36,6 +36,15 @@ LATENCY_COMMANDS: Final = (
     "connect", "ehlo", "starttls", "xclient", "mail", "rcpt", "data", "dot", "rset"
 )
 CONFIG_RELOAD_RESULTS: Final = ("ok", "failed")
+AUTH_METHODS: Final = ("spf", "dkim", "dmarc", "arc")
+# RFC 8601 result values of the four methods together (each method uses a subset)
+AUTH_RESULT_VALUES: Final = (
+    "pass", "fail", "softfail", "neutral", "none", "temperror", "permerror", "policy"
+)
+SCANNERS: Final = ("clamd", "rspamd", "spamd")
+SCANNER_VERDICTS_SEEN: Final = ("clean", "infected", "spam", "reject", "tempfail", "add_header",
+                                "rewrite_subject", "skipped")
+SCANNER_ERROR_KINDS: Final = ("connect", "timeout", "protocol", "too_big")
 
 # The _created series (one per child, the process start time over again) doubles what is
 # scraped and stored and tells nothing that process_start_time_seconds does not. The flag
@@ -117,6 +126,37 @@ CONFIG_RELOADS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+AUTH_RESULTS = Counter(
+    "relayproxy_auth_results",
+    "Sender authentication results by method (spf, dkim, dmarc, arc) and RFC 8601 result",
+    ["method", "result"],
+    registry=REGISTRY,
+)
+SCANNER_VERDICTS = Counter(
+    "relayproxy_scanner_verdicts",
+    "Content scanner verdicts by scanner",
+    ["scanner", "verdict"],
+    registry=REGISTRY,
+)
+SCANNER_ERRORS = Counter(
+    "relayproxy_scanner_errors",
+    "Content scanner failures by scanner and kind (too_big: the message was not scanned)",
+    ["scanner", "kind"],
+    registry=REGISTRY,
+)
+SCANNER_LATENCY = Histogram(
+    "relayproxy_scanner_latency_seconds",
+    "Time from the end of data to the scanner's verdict",
+    ["scanner"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+DOWNSTREAM_UP = Gauge(
+    "relayproxy_downstream_up",
+    "1 when the downstream server answered the last health probe, else 0",
+    ["server"],
+    registry=REGISTRY,
+)
 
 for _reason in CONNECTION_REFUSAL_REASONS:
     CONNECTIONS_REFUSED.labels(_reason)
@@ -132,6 +172,14 @@ for _kind in DOWNSTREAM_ERROR_KINDS:
     DOWNSTREAM_ERRORS.labels(_kind)
 for _result in CONFIG_RELOAD_RESULTS:
     CONFIG_RELOADS.labels(_result)
+for _method, _value in product(AUTH_METHODS, AUTH_RESULT_VALUES):
+    AUTH_RESULTS.labels(_method, _value)
+for _scanner in SCANNERS:
+    SCANNER_LATENCY.labels(_scanner)
+    for _verdict in SCANNER_VERDICTS_SEEN:
+        SCANNER_VERDICTS.labels(_scanner, _verdict)
+    for _kind in SCANNER_ERROR_KINDS:
+        SCANNER_ERRORS.labels(_scanner, _kind)
 
 # Label children resolved once: .labels() costs a dict lookup and a lock per call.
 MESSAGES_ACCEPTED = MESSAGES.labels("accepted")
