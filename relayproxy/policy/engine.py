@@ -113,6 +113,7 @@ class _TxState:
     hits: list[str] = field(default_factory=list)
     headers: list[bytes] = field(default_factory=list)
     mime: MimeScanner | None = None
+    logged: tuple[int, float, float] = (0, 0.0, 0.0)  # what _log last wrote
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,14 +280,6 @@ class RulesCheck(Check):
                      helo=session.helo, country=s.country,
                      rdns=s.rdns if s.rdns_known else None)
 
-    async def _stage_facts(self, session: SessionInfo, s: _SessionState, stage: Stage
-                           ) -> Facts:
-        """The facts a stage's rules read, waiting only when they need DNS answers."""
-        facts = self._facts(session, s)
-        if self.waits[stage]:
-            await self._wait(session, s, stage, facts)
-        return facts
-
     async def _wait(self, session: SessionInfo, s: _SessionState, stage: Stage,
                     facts: Facts) -> None:
         """Wait (within rules.check_timeout) for the DNS facts the stage's rules read."""
@@ -423,7 +416,9 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.CONNECT]
         if not rules:
             return None
-        facts = await self._stage_facts(session, s, Stage.CONNECT)
+        facts = self._facts(session, s)
+        if self.waits[Stage.CONNECT]:
+            await self._wait(session, s, Stage.CONNECT, facts)
         verdict, accept = self._run(Stage.CONNECT, rules, facts, s, s.connect, s.hits,
                                     s.headers)
         accepted = self._accept(accept, s, None)
@@ -440,7 +435,9 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.HELO]
         if s.accepted or not rules:
             return None
-        facts = await self._stage_facts(session, s, Stage.HELO)
+        facts = self._facts(session, s)
+        if self.waits[Stage.HELO]:
+            await self._wait(session, s, Stage.HELO, facts)
         verdict, accept = self._run(Stage.HELO, rules, facts, s, s.helo, s.helo_hits,
                                     s.helo_headers)
         if verdict is None and not self._accept(accept, s, None):
@@ -457,7 +454,9 @@ class RulesCheck(Check):
         if s.accepted or not rules:
             self._log(envelope, tx)
             return None
-        facts = await self._stage_facts(session, s, Stage.MAIL)
+        facts = self._facts(session, s)
+        if self.waits[Stage.MAIL]:
+            await self._wait(session, s, Stage.MAIL, facts)
         facts.sender = envelope.sender
         verdict, accept = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
                                     tx.headers)
@@ -488,7 +487,9 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.RCPT]
         if not rules:
             return None
-        facts = await self._stage_facts(session, s, Stage.RCPT)
+        facts = self._facts(session, s)
+        if self.waits[Stage.RCPT]:
+            await self._wait(session, s, Stage.RCPT, facts)
         facts.sender, facts.recipient = envelope.sender, recipient
         facts.recipients = envelope.recipients
         scores = tx.scores.copy()  # a recipient's rules decide for that recipient only
@@ -516,7 +517,9 @@ class RulesCheck(Check):
                                   cte[0].value if cte else None, self.text_budget)
         rules = self.by_stage[Stage.HEADERS]
         if rules and not (s.accepted or tx.accepted or tx.pending):
-            facts = await self._stage_facts(session, s, Stage.HEADERS)
+            facts = self._facts(session, s)
+            if self.waits[Stage.HEADERS]:
+                await self._wait(session, s, Stage.HEADERS, facts)
             self._envelope_facts(facts, envelope, headers)
             verdict, accept = self._run(Stage.HEADERS, rules, facts, s, tx.scores,
                                         tx.hits, tx.headers)
@@ -554,7 +557,9 @@ class RulesCheck(Check):
         # mail (abuse reports quote spam) is not refused now
         if not rules or s.accepted or tx.accepted or tx.pending:
             return None
-        facts = await self._stage_facts(session, s, Stage.DATA)
+        facts = self._facts(session, s)
+        if self.waits[Stage.DATA]:
+            await self._wait(session, s, Stage.DATA, facts)
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
         if mime is not None:
@@ -578,12 +583,17 @@ class RulesCheck(Check):
         return verdict
 
     def _log(self, envelope: Envelope, tx: _TxState) -> None:
+        scores = tx.scores
+        now = (len(tx.hits), scores.score, scores.monitor_score)
+        if now == tx.logged:
+            return  # the usual case: nothing hit since the last stage
+        tx.logged = now
         if tx.hits:
             envelope.log_fields["rules"] = ",".join(tx.hits)
-        if tx.scores.score or tx.scores.monitor_score:
-            envelope.log_fields["score"] = f"{tx.scores.score:g}"
-            if tx.scores.monitor_score:
-                envelope.log_fields["monitor_score"] = f"{tx.scores.monitor_score:g}"
+        if scores.score or scores.monitor_score:
+            envelope.log_fields["score"] = f"{scores.score:g}"
+            if scores.monitor_score:
+                envelope.log_fields["monitor_score"] = f"{scores.monitor_score:g}"
 
     def trace_of(self, session: SessionInfo) -> list[Evaluation]:
         state = session.facts.get(_KEY)

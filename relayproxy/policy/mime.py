@@ -147,10 +147,13 @@ class MimeScanner:
         self._partial = 0  # buffer octets known to hold no line end (header section)
         self._default = "text/plain"
         self._closed = False
+        self._joined: str | None = None  # the text, once closed
         self._start(content_type, transfer_encoding, None, "text/plain")
 
     @property
     def text(self) -> str:
+        if self._joined is not None:
+            return self._joined
         return "\n".join("".join(pieces) for pieces in self._texts)
 
     @property
@@ -184,6 +187,10 @@ class MimeScanner:
         self._run(final=True)
         self._end_text()
         self._buf = bytearray()
+        # one copy of the text from here on, not the pieces and their join both (a body of
+        # rules.body_scan_bytes per message in flight)
+        self._joined = self.text
+        self._texts = []
 
     # ------------------------------------------------------------------ structure
 
