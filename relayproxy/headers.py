@@ -64,29 +64,28 @@ class HeaderField:
         return self._decoded
 
 
+# The lines of a header section in wire form: a field's first line or a continuation line, each
+# past the transparency dot a line may start with (RFC 5321 4.5.2), so that the wire form splits
+# where the message does. A continuation line belongs to the section even first: downstream it
+# continues our Received field, and what follows is still header to the mail server.
+_SECTION_LINES = re.compile(rb"(?:\.?(?:[!-9;-~]+[ \t]*:|[ \t])[^\n]*\n)*")
+
+
 def find_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int] | None:
     """Where the header section in data (wire form, CRLF lines) ends.
 
     Returns (end, body_start): the section is data[:end]; the body begins at body_start (after
     the empty line, or at the first line that is no field, as Postfix's cleanup reads it). None
-    when no line from start on has ended the section yet. start must be a line start. A line's
-    transparency dot is looked through, so the wire form splits where the message does.
+    when no line from start on has ended the section yet. start must be a line start.
     """
-    pos = start
-    n = len(data)
-    while pos < n:
-        eol = data.find(b"\n", pos)
-        if eol < 0:
-            return None
-        line = data[pos + 1 : eol + 1] if data[pos : pos + 1] == b"." else data[pos : eol + 1]
-        if line == b"\r\n":
-            return pos, eol + 1
-        # a continuation line belongs to the section even first: downstream it will continue
-        # our Received field, and what follows is still header to the mail server
-        if not (_FIELD_START.match(line) or line[:1] in _CONTINUATION):
-            return pos, pos
-        pos = eol + 1
-    return None
+    m = _SECTION_LINES.match(data, start)
+    pos = m.end() if m else start
+    eol = data.find(b"\n", pos)
+    if eol < 0:
+        return None
+    if eol - pos <= 2 and data[pos:eol + 1] in (b"\r\n", b".\r\n"):
+        return pos, eol + 1  # the empty line
+    return pos, pos
 
 
 def complete_lines(data: bytes | bytearray, start: int) -> int:
@@ -121,18 +120,38 @@ class HeaderSection:
     @property
     def fields(self) -> list[HeaderField]:
         if self._fields is None:
+            wire = self._wire
+            if wire[:1] == b"." or b"\n." in wire:
+                wire = Unstuffer()(wire)
             fields: list[HeaderField] = []
-            for line in Unstuffer()(self._wire).splitlines(keepends=True):
-                if line[:1] in _CONTINUATION and fields:
-                    fields[-1].raw += line
+            index: dict[str, list[HeaderField]] = {}
+            last: HeaderField | None = None
+            for line in wire.splitlines(keepends=True):
+                if last is not None and line[:1] in _CONTINUATION:
+                    last.raw += line
+                    continue
+                name = line.split(b":", 1)[0].decode("ascii", "replace").rstrip(" \t")
+                last = HeaderField(name, line)
+                fields.append(last)
+                # the index comes with the parse: every reader of fields looks names up
+                found = index.get(lname := name.lower())
+                if found is None:
+                    index[lname] = [last]
                 else:
-                    name = line.split(b":", 1)[0].decode("ascii", "replace").rstrip(" \t")
-                    fields.append(HeaderField(name, line))
-            self._fields = fields
+                    found.append(last)
+            self._fields, self._index = fields, index
         return self._fields
 
     def __iter__(self) -> Iterator[HeaderField]:
         return iter(self.fields)
+
+    def text(self) -> str:
+        """The fields as they came (not the prepended ones) as one unfolded text: it holds
+        every field value as written, and more (the names, a transparency dot). A prefilter
+        can look through it once for all fields instead of once per field."""
+        raw = self._wire or b"".join(f.raw for f in self._fields or ())
+        text = raw.decode("utf-8", "surrogateescape")
+        return _FOLD.sub("", text) if "\n " in text or "\n\t" in text else text
 
     def get_all(self, name: str) -> list[HeaderField]:
         return self.get_lower(name.lower())
@@ -140,11 +159,15 @@ class HeaderSection:
     def get_lower(self, lname: str) -> list[HeaderField]:
         """get_all for a name already in lower case (rules look names up many times)."""
         if self._index is None:
-            index: dict[str, list[HeaderField]] = {}
-            for f in self.fields:
-                index.setdefault(f.lname, []).append(f)
-            self._index = index
-        return self._index.get(lname, [])
+            fields = self.fields  # a parse indexes as it goes
+            if self._index is None:  # the fields were given or edited
+                index: dict[str, list[HeaderField]] = {}
+                for f in fields:
+                    index.setdefault(f.lname, []).append(f)
+                self._index = index
+        index = self._index
+        assert index is not None
+        return index.get(lname, [])
 
     def get(self, name: str) -> str | None:
         found = self.get_all(name)

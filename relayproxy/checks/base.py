@@ -204,56 +204,49 @@ class Pipeline:
             Need.HEADERS in c.needs for c in checks)
         self.adds_end_headers = any(Need.END_HEADERS in c.needs for c in checks)
 
-    async def _guard(self, check: Check, stage: str, call: Awaitable[Verdict | None]
-                     ) -> Verdict | None:
-        # an instant check gets no deadline timer (it never waits, or bounds its own waits),
-        # but its exceptions are caught all the same
-        return await guarded(check.name, stage, call, None if check.instant else self.deadline)
-
-    async def connect(self, session: SessionInfo) -> Verdict | None:
-        for check in self._by_stage["on_connect"]:
-            if verdict := await self._guard(check, "connect", check.on_connect(session)):
+    async def _stage(self, hook: str, label: str, *args: Any) -> Verdict | None:
+        """Ask the checks that override hook, in order; the first verdict wins. A check that
+        raises or overruns the deadline tempfails (see guarded), inline here rather than
+        through guarded: two coroutines less per check and stage, on every message."""
+        for check in self._by_stage[hook]:
+            call: Awaitable[Verdict | None] = getattr(check, hook)(*args)
+            try:
+                if check.instant:  # it never waits, or bounds its own waits: no timer
+                    verdict = await call
+                else:
+                    async with asyncio.timeout(self.deadline):
+                        verdict = await call
+            except asyncio.CancelledError:
+                raise
+            except TimeoutError:
+                verdict = check_failed(check.name, label, TimeoutError(
+                    f"no verdict within {self.deadline:g}s"))
+            except Exception as exc:
+                verdict = check_failed(check.name, label, exc)
+            if verdict is not None:
                 return verdict
         return None
 
-    async def helo(self, session: SessionInfo) -> Verdict | None:
-        for check in self._by_stage["on_helo"]:
-            if verdict := await self._guard(check, "helo", check.on_helo(session)):
-                return verdict
-        return None
+    def connect(self, session: SessionInfo) -> Awaitable[Verdict | None]:
+        return self._stage("on_connect", "connect", session)
 
-    async def mail(self, session: SessionInfo, envelope: Envelope) -> Verdict | None:
-        for check in self._by_stage["on_mail"]:
-            if verdict := await self._guard(check, "mail", check.on_mail(session, envelope)):
-                return verdict
-        return None
+    def helo(self, session: SessionInfo) -> Awaitable[Verdict | None]:
+        return self._stage("on_helo", "helo", session)
 
-    async def rcpt(
-        self, session: SessionInfo, envelope: Envelope, recipient: str
-    ) -> Verdict | None:
-        for check in self._by_stage["on_rcpt"]:
-            call = check.on_rcpt(session, envelope, recipient)
-            if verdict := await self._guard(check, "rcpt", call):
-                return verdict
-        return None
+    def mail(self, session: SessionInfo, envelope: Envelope) -> Awaitable[Verdict | None]:
+        return self._stage("on_mail", "mail", session, envelope)
 
-    async def rcpt_reply(
-        self, session: SessionInfo, envelope: Envelope, recipient: str, reply: Reply
-    ) -> Verdict | None:
-        for check in self._by_stage["on_rcpt_reply"]:
-            call = check.on_rcpt_reply(session, envelope, recipient, reply)
-            if verdict := await self._guard(check, "rcpt", call):
-                return verdict
-        return None
+    def rcpt(self, session: SessionInfo, envelope: Envelope, recipient: str
+             ) -> Awaitable[Verdict | None]:
+        return self._stage("on_rcpt", "rcpt", session, envelope, recipient)
 
-    async def headers(
-        self, session: SessionInfo, envelope: Envelope, headers: HeaderSection
-    ) -> Verdict | None:
-        for check in self._by_stage["on_headers"]:
-            call = check.on_headers(session, envelope, headers)
-            if verdict := await self._guard(check, "headers", call):
-                return verdict
-        return None
+    def rcpt_reply(self, session: SessionInfo, envelope: Envelope, recipient: str,
+                   reply: Reply) -> Awaitable[Verdict | None]:
+        return self._stage("on_rcpt_reply", "rcpt", session, envelope, recipient, reply)
+
+    def headers(self, session: SessionInfo, envelope: Envelope, headers: HeaderSection
+                ) -> Awaitable[Verdict | None]:
+        return self._stage("on_headers", "headers", session, envelope, headers)
 
     def observers(self, session: SessionInfo, envelope: Envelope) -> list[Observing]:
         found = []
@@ -267,11 +260,6 @@ class Pipeline:
                                        None if check.instant else self.deadline))
         return found
 
-    async def data_end(
-        self, session: SessionInfo, envelope: Envelope, message: MessageInfo
-    ) -> Verdict | None:
-        for check in self._by_stage["on_data_end"]:
-            call = check.on_data_end(session, envelope, message)
-            if verdict := await self._guard(check, "data", call):
-                return verdict
-        return None
+    def data_end(self, session: SessionInfo, envelope: Envelope, message: MessageInfo
+                 ) -> Awaitable[Verdict | None]:
+        return self._stage("on_data_end", "data", session, envelope, message)

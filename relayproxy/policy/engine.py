@@ -23,7 +23,6 @@ import dataclasses
 import ipaddress
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from .. import metrics
 from ..checks.base import (
@@ -89,7 +88,6 @@ class _Scores:
 @dataclass(slots=True)
 class _SessionState:
     dnsbl: dict[DnsblZone, asyncio.Future[DnsblAnswer]] = field(default_factory=dict)
-    addr: Any = None  # the client's parsed address (False: unparseable)
     country: str | None = None
     rdns: str | None = None
     rdns_known: bool = False
@@ -103,6 +101,7 @@ class _SessionState:
     headers: list[bytes] = field(default_factory=list)  # add_header from connect
     helo_headers: list[bytes] = field(default_factory=list)  # ... from the last HELO
     trace: list[Evaluation] | None = None
+    facts: Facts | None = None  # one per session, its transaction part reset by _tx
 
 
 @dataclass(slots=True)
@@ -164,15 +163,17 @@ class _Plan:
                     passed.update(gates)
         headers = facts.headers
         if self.header and headers is not None:
-            # the fields of every gate in one text: a literal found in another rule's field
-            # (or across a joint) only costs that rule its own search; an absent field never
-            # matches, and a rule on it is then skipped
-            values = [h.decoded for name in self.fields for h in headers.get_lower(name)]
-            if values:
-                folded = fold("\0".join(values))
-                for literal, gates in self.header:
-                    if literal in folded:
-                        passed.update(gates)
+            # the whole section in one text (a literal found in another field only costs a
+            # rule its own search), with the decoded values of the gated fields when some
+            # hold encoded-words (RFC 2047): their text is not in the section as written
+            text = headers.text()
+            if "=?" in text:
+                text = "\0".join([text, *(h.decoded for name in self.fields
+                                           for h in headers.get_lower(name))])
+            folded = fold(text)
+            for literal, gates in self.header:
+                if literal in folded:
+                    passed.update(gates)
         if not passed:
             return self.ungated
         return [r for r, g in zip(self.rules, self.gates, strict=True) if g < 0 or g in passed]
@@ -207,7 +208,8 @@ class RulesCheck(Check):
         self.countries = countries
         self.trace = trace
         self.by_stage = {stage: ruleset.at(stage) for stage in Stage}
-        self._addrs: dict[str, Any] = {}  # client address -> parsed (False: unparseable)
+        # client address -> parsed (None: unparseable)
+        self._addrs: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None] = {}
         self.plans = {stage: _Plan.of(rules) for stage, rules in self.by_stage.items()}
         # what each stage's rules need looked up, computed once
         self.stage_zones = {stage: frozenset(z for r in rules for z in r.dnsbl_zones)
@@ -257,6 +259,10 @@ class RulesCheck(Check):
             tx = envelope.facts[_KEY] = _TxState(scores, pending=s.pending or s.helo_pending,
                                                  hits=[*s.hits, *s.helo_hits],
                                                  headers=[*s.headers, *s.helo_headers])
+            if (facts := s.facts) is not None:  # what the last transaction left is not known
+                facts.sender, facts.recipients, facts.headers = None, (), None
+                facts.size, facts.body, facts.attachments, facts.part_types = 0, "", (), ()
+                facts._folded, facts.body_seen = None, {}
         assert isinstance(tx, _TxState)
         return tx
 
@@ -264,21 +270,26 @@ class RulesCheck(Check):
 
     def _facts(self, session: SessionInfo, s: _SessionState) -> Facts:
         """The facts known without waiting; _wait adds the DNS ones a stage needs."""
-        if s.addr is None:
+        facts = s.facts
+        if facts is None:
             # parsed once per address, not per session: most clients come back
-            addr = self._addrs.get(session.client_ip)
-            if addr is None:
+            ip = session.client_ip
+            if ip in self._addrs:
+                addr = self._addrs[ip]
+            else:
                 try:
-                    addr = ipaddress.ip_address(session.client_ip)
+                    addr = ipaddress.ip_address(ip)
                 except ValueError:
-                    addr = False
+                    addr = None
                 if len(self._addrs) >= 4096:
                     self._addrs.clear()
-                self._addrs[session.client_ip] = addr
-            s.addr = addr
-        return Facts(session.client_ip, s.addr or None, self.settings.hostname,
-                     helo=session.helo, country=s.country,
-                     rdns=s.rdns if s.rdns_known else None)
+                self._addrs[ip] = addr
+            facts = s.facts = Facts(ip, addr, self.settings.hostname)
+        facts.helo = session.helo
+        facts.country = s.country
+        facts.rdns = s.rdns if s.rdns_known else None
+        facts.recipient = None  # the rcpt stage sets it for its own rules only
+        return facts
 
     async def _wait(self, session: SessionInfo, s: _SessionState, stage: Stage,
                     facts: Facts) -> None:
@@ -535,8 +546,9 @@ class RulesCheck(Check):
     def body_observer(self, session: SessionInfo, envelope: Envelope) -> BodyObserver | None:
         if not self.reads_body:
             return None
-        tx = self._tx(session, envelope)
-        return _Body(tx.mime) if tx.mime is not None else None
+        mime = self._tx(session, envelope).mime
+        # a message whose headers said all: its body streams by unobserved
+        return _Body(mime) if mime is not None and not mime.settled else None
 
     def _envelope_facts(self, facts: Facts, envelope: Envelope,
                         headers: HeaderSection | None) -> None:

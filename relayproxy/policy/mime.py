@@ -165,6 +165,13 @@ class MimeScanner:
         return [p for p in self._parts if p.filename or p.disposition == "attachment"]
 
     @property
+    def settled(self) -> bool:
+        """Nothing the body holds can change `parts` or `text`: one part, no multipart or
+        message inside to look for, and no text wanted from it (an attachment rule on a plain
+        message needs no body at all)."""
+        return self._text is None and not (self._in_headers or self._frames or self._buf)
+
+    @property
     def parts_truncated(self) -> bool:
         """The body held more than MAX_PARTS MIME entities (multiparts and messages count);
         the scanner stopped reading there, so neither `parts` nor `text` has what followed."""
