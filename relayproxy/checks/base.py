@@ -169,11 +169,13 @@ def check_failed(check: str, stage: str, exc: BaseException) -> Verdict:
                             "4.3.0", check=check)
 
 
-def state_failed(check: str, stage: str, exc: StateUnavailable) -> Verdict:
-    """Shared state (Redis) unreachable, with state.on_error = "tempfail" (the store logged
-    and counted it): a temporary refusal; at connect, 421 (the only 4xx that may take the
+def state_failed(check: str, stage: str, exc: StateUnavailable) -> Verdict | None:
+    """Shared state (Redis) unreachable (the store logged and counted it): per state.on_error,
+    the check passes, or a temporary refusal; at connect, 421 (the only 4xx that may take the
     banner's place)."""
     log.debug("check %s at %s: %s", check, stage, exc)
+    if exc.fail_open:
+        return None
     if stage == "connect":
         return Verdict(Action.DISCONNECT, "Shared state unavailable, try again later", 421,
                        "4.3.0", check=check)

@@ -16,9 +16,10 @@ Keys are `<key_prefix>h:<window>:<key>`, `<key_prefix>b:<key>` and `<key_prefix>
 Failures never hang a session: each operation is bounded by `timeout` (connecting, waiting
 for one of the pool's `max_connections`, the command), with no retries. A failed operation is
 counted (relayproxy_state_errors_total by kind), logged once when Redis goes away and once when
-it is back, and then answered per `on_error`: "tempfail" raises StateUnavailable (the checks'
-pipeline answers it 451 4.3.0, or 421 4.3.0 at connect), "open" answers as an empty store does
-(no events counted, nothing blocked, nothing cached), so the checks pass. For `down_time`
+it is back, and raises StateUnavailable, which the checks' pipeline answers per `on_error`:
+"tempfail" 451 4.3.0 (421 4.3.0 at connect), "open" lets the check pass (a limit, the
+recipient cache or greylisting: none of them can decide without its state; answering as an
+empty store would greylist every recipient). For `down_time`
 seconds after a failure Redis is not tried at all (kind "skipped"), so a Redis that does not
 answer costs one timeout, not one per operation.
 """
@@ -29,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio
 import redis.exceptions
@@ -40,8 +41,6 @@ from .. import metrics
 from .state import StateUnavailable
 
 log = logging.getLogger("relayproxy.state")
-
-T = TypeVar("T")
 
 # KEYS[1] the hash; ARGV: window (seconds), buckets, amount (0: count only)
 _HIT = """
@@ -112,33 +111,33 @@ class RedisStore:
             raise ValueError("window: must be positive")
         result = await self._call(
             self._hit(keys=[self._window_key(key, window)],
-                      args=[repr(float(window)), self.buckets, amount]), 0)
+                      args=[repr(float(window)), self.buckets, amount]))
         return int(result)
 
     async def count(self, key: str, window: float) -> int:
         result = await self._call(
             self._hit(keys=[self._window_key(key, window)],
-                      args=[repr(float(window)), self.buckets, 0]), 0)
+                      args=[repr(float(window)), self.buckets, 0]))
         return int(result)
 
     async def block(self, key: str, seconds: float) -> None:
         ms = max(1, round(seconds * 1000))
-        await self._call(self._block(keys=[self.prefix + "b:" + key], args=[ms]), None)
+        await self._call(self._block(keys=[self.prefix + "b:" + key], args=[ms]))
 
     async def blocked(self, key: str) -> float:
-        ms = await self._call(self.redis.pttl(self.prefix + "b:" + key), 0)
+        ms = await self._call(self.redis.pttl(self.prefix + "b:" + key))
         return max(0, int(ms)) / 1000
 
     async def get(self, key: str) -> str | None:
-        value = await self._call(self.redis.get(self.prefix + "v:" + key), None)
+        value = await self._call(self.redis.get(self.prefix + "v:" + key))
         return None if value is None else str(value)
 
     async def put(self, key: str, value: str, ttl: float) -> None:
         name = self.prefix + "v:" + key
         if ttl > 0:
-            await self._call(self.redis.set(name, value, px=max(1, round(ttl * 1000))), None)
+            await self._call(self.redis.set(name, value, px=max(1, round(ttl * 1000))))
         else:
-            await self._call(self.redis.delete(name), None)
+            await self._call(self.redis.delete(name))
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -146,28 +145,28 @@ class RedisStore:
     def _window_key(self, key: str, window: float) -> str:
         return f"{self.prefix}h:{window:g}:{key}"
 
-    async def _call(self, operation: Awaitable[Any], fallback: T) -> Any | T:
-        """The operation's result; on failure, per on_error (fallback, or StateUnavailable)."""
+    async def _call(self, operation: Awaitable[Any]) -> Any:
+        """The operation's result; StateUnavailable if Redis did not give it."""
         if self._down_until and self.clock() < self._down_until:
             _close(operation)
-            return self._failed("skipped", fallback)
+            raise self._failed("skipped")
         try:
             async with asyncio.timeout(self.timeout):
                 result = await operation
         except (TimeoutError, redis.exceptions.TimeoutError):
-            return self._failed("timeout", fallback)
+            raise self._failed("timeout") from None
         except (redis.exceptions.ConnectionError, OSError):
-            return self._failed("connect", fallback)
+            raise self._failed("connect") from None
         except redis.exceptions.RedisError as exc:
             log.warning("state: Redis error: %s", exc)
-            return self._failed("error", fallback)
+            raise self._failed("error") from None
         if self._failing:
             self._failing = False
             log.warning("state: Redis answers again")
         self._down_until = 0.0
         return result
 
-    def _failed(self, kind: str, fallback: T) -> T:
+    def _failed(self, kind: str) -> StateUnavailable:
         metrics.STATE_ERRORS.labels(kind).inc()
         if kind != "skipped":
             self._down_until = self.clock() + self.down_time
@@ -175,9 +174,8 @@ class RedisStore:
                 self._failing = True
                 log.warning("state: Redis unavailable (%s): answering %s for %gs, then trying "
                             "again", kind, self.on_error, self.down_time)
-        if self.on_error == "open":
-            return fallback
-        raise StateUnavailable(f"shared state unavailable ({kind})")
+        return StateUnavailable(f"shared state unavailable ({kind})",
+                                fail_open=self.on_error == "open")
 
 
 def _close(operation: Awaitable[Any]) -> None:

@@ -33,8 +33,12 @@ from ..address import PathError, ascii_domain
 
 
 class StateUnavailable(Exception):
-    """A shared store could not answer and its configuration says tempfail (state.on_error);
-    the checks' pipeline turns it into a temporary refusal."""
+    """A shared store could not answer. The checks' pipeline answers it per state.on_error:
+    a temporary refusal, or (fail_open) the check passes."""
+
+    def __init__(self, message: str, fail_open: bool = False) -> None:
+        super().__init__(message)
+        self.fail_open = fail_open
 
 
 class Store(Protocol):
