@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from support.dns import DNSMASQ, DnsServer
+from support.haproxy import HAPROXY, HAProxy
+from support.ports import LOOPBACK, free_port
 from support.postfix import POSTFIX, PostfixInstance
 from support.proxy import ProxyProcess
 from support.redisd import REDIS_SERVER, RedisServer
@@ -157,3 +159,18 @@ def redis_server(request: pytest.FixtureRequest, redis_session: RedisServer) -> 
     redis_session.flush()
     _add_log_source(request, "redis log (tail)", lambda: redis_session.log_text()[-4000:])
     return redis_session
+
+
+@pytest.fixture(scope="session")
+def haproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HAProxy]:
+    """One private HAProxy per session (TCP mode, round robin, send-proxy-v2) in front of two
+    loopback ports, haproxy.backends, where a test starts its relayproxy instances."""
+    if not Path(HAPROXY).exists():
+        pytest.fail(f"{HAPROXY} is missing: {_INSTALL_HINT}", pytrace=False)
+    server = HAProxy([(LOOPBACK, free_port()), (LOOPBACK, free_port())],
+                     tmp_path_factory.mktemp("haproxy"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

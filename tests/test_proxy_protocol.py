@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from support.postfix import PostfixInstance
 from support.proxy import ProxyProcess, base_config
-from support.proxyheader import V2_SIGNATURE, proxied, v1, v2, v2_local
+from support.proxyheader import V2_SIGNATURE, proxied, v1, v2, v2_local, wait_ready
 from support.scripted import DEFAULT_EXTENSIONS, ScriptedDownstream
 from support.smtpclient import RawSMTP, data_payload
 from support.wait import wait_until
@@ -29,19 +29,7 @@ ERRORS = "relayproxy_proxy_protocol_errors_total"
 def start(proxy_factory: ProxyFactory, downstream_port: int, **server: Any) -> ProxyProcess:
     """A proxy with proxy_protocol on; ready once a LOCAL header is answered 220."""
     config = base_config(downstream_port, server={"proxy_protocol": True, **server})
-    proxy = proxy_factory(config, wait_ready=False)
-
-    def greets() -> bool:
-        try:
-            with proxied(proxy.host, proxy.port, v2_local(), timeout=2) as client:
-                return client.read_reply().code == 220
-        except OSError:
-            return False
-
-    wait_until(greets, "the proxy to greet after a LOCAL header", 15,
-               abort=lambda: None if proxy.returncode is None else "the proxy exited",
-               describe=proxy.log_tail)
-    return proxy
+    return wait_ready(proxy_factory(config, wait_ready=False))
 
 
 def deliver(client: RawSMTP, subject: str = "proxied") -> None:

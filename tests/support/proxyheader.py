@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 import struct
 
+from .proxy import ProxyProcess
 from .smtpclient import RawSMTP
+from .wait import wait_until
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -43,3 +45,19 @@ def proxied(host: str, port: int, header: bytes, timeout: float = 10) -> RawSMTP
     client.connect(host, port, read_greeting=False)
     client.send(header)
     return client
+
+
+def wait_ready(proxy: ProxyProcess, timeout: float = 15) -> ProxyProcess:
+    """Wait until a proxy with server.proxy_protocol answers 220 after a LOCAL header (its
+    own readiness probe sends none, and would be closed)."""
+    def greets() -> bool:
+        try:
+            with proxied(proxy.host, proxy.port, v2_local(), timeout=2) as client:
+                return client.read_reply().code == 220
+        except OSError:
+            return False
+
+    wait_until(greets, f"the proxy on {proxy.host}:{proxy.port} to greet after a LOCAL header",
+               timeout, interval=0.05, describe=proxy.log_tail,
+               abort=lambda: None if proxy.returncode is None else "the proxy exited")
+    return proxy

@@ -1,0 +1,98 @@
+"""A private HAProxy in TCP mode on loopback, in front of relayproxy instances, sending the
+PROXY protocol v2 header to each (`send-proxy-v2`); runs in the foreground, stopped by PID."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .ports import LOOPBACK, free_port
+from .wait import wait_until
+
+HAPROXY = "/usr/sbin/haproxy"
+_POLL_INTERVAL = 0.05
+
+
+class HAProxyError(RuntimeError):
+    pass
+
+
+class HAProxy:
+    """Round robin over `backends` (host, port), one thread so the order is exact."""
+
+    def __init__(self, backends: Sequence[tuple[str, int]], workdir: Path | None = None) -> None:
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="relayproxy-haproxy-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.workdir / "haproxy.cfg"
+        self.log_path = self.workdir / "haproxy.log"
+        self.backends = list(backends)
+        self.host = LOOPBACK
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _write_config(self) -> None:
+        servers = "".join(f"    server relay{i} {host}:{port} send-proxy-v2\n"
+                          for i, (host, port) in enumerate(self.backends))
+        self.config_path.write_text(
+            "global\n"
+            "    nbthread 1\n"
+            "    maxconn 256\n"
+            "defaults\n"
+            "    mode tcp\n"
+            "    timeout connect 5s\n"
+            "    timeout client 60s\n"
+            "    timeout server 60s\n"
+            "frontend smtp\n"
+            f"    bind {self.host}:{self.port}\n"
+            "    default_backend relays\n"
+            "backend relays\n"
+            "    balance roundrobin\n"
+            f"{servers}")
+
+    def start(self, timeout: float = 15) -> HAProxy:
+        self.port = free_port()
+        self._write_config()
+        check = subprocess.run([HAPROXY, "-c", "-f", str(self.config_path)],
+                               capture_output=True, text=True, timeout=30, check=False)
+        if check.returncode != 0:
+            raise HAProxyError(f"haproxy -c refused the config:\n{check.stdout}{check.stderr}")
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([HAPROXY, "-db", "-f", str(self.config_path)],
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        process = self.process
+
+        def listening() -> bool:
+            if process.poll() is not None:
+                return False
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(listening, f"haproxy to listen on {self.host}:{self.port}", timeout,
+                   interval=_POLL_INTERVAL, describe=self.log_text,
+                   abort=lambda: None if process.poll() is None else "haproxy exited",
+                   error=HAProxyError)
+        return self
+
+    def stop(self, timeout: float = 10) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
