@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from support.proxy import base_config, run_cli, toml_dumps
 from support.redisd import RedisServer
 from support.wait import wait_until
 
@@ -17,7 +19,7 @@ from relayproxy import metrics
 from relayproxy.checks.base import Envelope, Pipeline, SessionInfo
 from relayproxy.config import ConfigError, StateConfig, from_dict
 from relayproxy.policy.limits import Limit, Limits
-from relayproxy.policy.recipients import Greylist
+from relayproxy.policy.recipients import Greylist, RecipientCache
 from relayproxy.policy.redis_store import RedisStore
 from relayproxy.policy.state import MemoryStore, StateUnavailable
 from relayproxy.policy.verdict import Action
@@ -167,6 +169,55 @@ def test_limits_hold_across_two_stores(redis_server: RedisServer) -> None:
         return verdicts
 
     assert run(scenario()) == [None, None, Action.TEMPFAIL, Action.TEMPFAIL, None]
+
+
+def test_greylisting_and_recipient_cache_are_shared(redis_server: RedisServer) -> None:
+    """A triplet greylisted by one proxy passes at another after the delay; a refusal one
+    proxy's downstream gave is answered from the cache by the other."""
+    now = [1_000_000.0]
+    accepted = Reply(250, "2.1.5", "OK", source="downstream")
+    unknown = Reply(550, "5.1.1", "no such user", source="downstream")
+
+    async def scenario() -> list[tuple[int | None, str | None] | None]:
+        a, b = store(redis_server.url), store(redis_server.url)
+        try:
+            grey_a = Greylist(a, delay=300, clock=lambda: now[0])
+            grey_b = Greylist(b, delay=300, clock=lambda: now[0])
+            session = SessionInfo("s", "192.0.2.7", 1)
+            envelope = Envelope(sender="a@example.org")
+            results = [await grey_a.on_rcpt_reply(session, envelope, "b@relay.test", accepted)]
+            now[0] += 301
+            results.append(await grey_b.on_rcpt_reply(session, envelope, "b@relay.test",
+                                                      accepted))
+            cache_a, cache_b = RecipientCache(a), RecipientCache(b)
+            await cache_a.record("nobody@relay.test", unknown)
+            results.append(await cache_b.refusal("nobody@relay.test"))
+            results.append(await cache_b.refusal("somebody@relay.test"))
+            return [None if v is None else (v.code, v.enhanced) for v in results]
+        finally:
+            await a.close()
+            await b.close()
+
+    assert run(scenario()) == [(451, "4.7.1"), None, (550, "5.1.1"), None]
+
+
+def test_test_message_never_touches_shared_state(redis_server: RedisServer,
+                                                 tmp_path: Path) -> None:
+    """`relayproxy test-message` is a trial: it must not count towards the live limits."""
+    (tmp_path / "limits.toml").write_text(
+        '[[limit]]\nname = "m"\ncount = "messages"\nper = "client_net"\nmax = 1\n'
+        'window = 60\n')
+    config = tmp_path / "relayproxy.toml"
+    config.write_text(toml_dumps(base_config(1, rules={"files": ["limits.toml"]},
+                                             state={"redis_url": redis_server.url})))
+    message = tmp_path / "m.eml"
+    message.write_bytes(b"Subject: trial\r\n\r\nbody\r\n")
+    for _ in range(2):  # over max = 1 if it counted
+        result = run_cli("test-message", "-c", str(config), "--client-ip", "192.0.2.9",
+                         "--helo", "h.example", "--from", "a@example.org", "--to",
+                         "b@relay.test", str(message))
+        assert "verdict: accept" in result.stdout, result
+    assert redis_server.command("DBSIZE") == ":0"
 
 
 # ---------------------------------------------------------------------- Redis unavailable
