@@ -162,7 +162,7 @@ class RedisStore:
             raise self._failed("error") from None
         if self._failing:
             self._failing = False
-            log.warning("state: Redis answers again")
+            log.info("state: Redis answers again")
         self._down_until = 0.0
         return result
 
