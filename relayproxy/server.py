@@ -75,6 +75,10 @@ class Server:
         except asyncio.CancelledError:  # shutting down
             client.close()
             raise
+        except Exception:
+            log.exception("PROXY protocol header from %s", client.peer[0])
+            client.close()
+            return
         if real is not None:
             client.peer = real
         self._admit(client)

@@ -255,3 +255,15 @@ def test_header_comes_before_greet_delay(
     with proxied(proxy.host, proxy.port, v2("198.51.100.71", 1) + b"EHLO eager\r\n") as client:
         reply = client.read_reply()
         assert (reply.code, reply.enhanced) == (554, "5.5.1"), reply
+
+
+def test_shutdown_closes_connections_still_reading_their_header(
+    proxy_factory: ProxyFactory, downstream: ScriptedDownstream
+) -> None:
+    proxy = start(proxy_factory, downstream.port, proxy_timeout=120)
+    with RawSMTP(timeout=30) as client:
+        client.connect(proxy.host, proxy.port, read_greeting=False)
+        client.send(V2_SIGNATURE[:6])  # and then nothing, far from proxy_timeout
+        # SIGTERM: the connection is no session yet, so nothing holds the drain up
+        assert proxy.stop() == 0 and not proxy.killed, proxy.log_tail()
+        assert closed_unanswered(client) == b""

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from support.proxy import base_config, run_cli, toml_dumps
+from support.proxy import ProxyProcess, base_config, run_cli, toml_dumps
 from support.redisd import RedisServer
+from support.scripted import ScriptedDownstream
+from support.smtpclient import RawSMTP
 from support.wait import wait_until
 
 from relayproxy import metrics
@@ -299,3 +301,37 @@ def test_state_config_and_store_choice(redis_server: RedisServer) -> None:
         from_dict({"state": {"on_error": "ignore"}})
     with pytest.raises(ConfigError, match=r"^server.proxy_trusted: "):
         from_dict({"server": {"proxy_trusted": ["10.0.0.0/33"]}})
+
+
+# ---------------------------------------------------------------------- reload
+
+
+def test_reload_moves_state_to_redis_and_keeps_it_while_unchanged(
+    redis_server: RedisServer, tmp_path: Path,
+    proxy_factory: Callable[..., ProxyProcess], scripted: Callable[..., ScriptedDownstream],
+) -> None:
+    downstream = scripted()
+    (tmp_path / "limits.toml").write_text(
+        '[[limit]]\nname = "m"\ncount = "messages"\nper = "client_net"\nmax = 1\n'
+        'window = 3600\n')
+    rules = {"files": [str(tmp_path / "limits.toml")]}
+    in_memory = base_config(downstream.port, rules=rules)
+    proxy = proxy_factory(in_memory)
+
+    def mail() -> int:
+        with RawSMTP() as client:
+            client.connect(proxy.host, proxy.port)
+            client.ehlo()
+            code = client.cmd("MAIL FROM:<a@example.org>").code
+            client.cmd("QUIT")
+            return code
+
+    assert [mail(), mail()] == [250, 451]  # in this process's memory
+    shared = {**in_memory, "state": {"redis_url": redis_server.url}}
+    proxy.reload(shared)
+    proxy.wait_for_log("configuration reloaded", count=1)
+    assert [mail(), mail()] == [250, 451]  # a new, empty store: Redis
+    assert redis_server.command("EXISTS", "relayproxy:h:3600:limit:m:127.0.0.1/32") == ":1"
+    proxy.reload({**shared, "server": {**shared["server"], "max_errors": 30}})
+    proxy.wait_for_log("configuration reloaded", count=2)
+    assert mail() == 451  # [state] unchanged: the same counters

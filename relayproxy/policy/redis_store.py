@@ -100,7 +100,9 @@ class RedisStore:
             url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
             socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
             decode_responses=True)
-        self.redis = redis.asyncio.Redis(connection_pool=pool)
+        # the client owns the pool: it is disconnected when the client is closed or collected
+        # (a store a reload replaced goes once the last session using it has ended)
+        self.redis = redis.asyncio.Redis.from_pool(pool)
         self._hit = self.redis.register_script(_HIT)
         self._block = self.redis.register_script(_BLOCK)
         self._down_until = 0.0
