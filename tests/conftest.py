@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from support.dns import DNSMASQ, DnsServer
-from support.haproxy import HAPROXY, HAProxy
-from support.ports import LOOPBACK, free_port
+from support.haproxy import HAPROXY, HAProxy, reserved_port
+from support.ports import LOOPBACK
 from support.postfix import POSTFIX, PostfixInstance
 from support.proxy import ProxyProcess
 from support.redisd import REDIS_SERVER, RedisServer
@@ -167,7 +167,8 @@ def haproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HAProxy]:
     loopback ports, haproxy.backends, where a test starts its relayproxy instances."""
     if not Path(HAPROXY).exists():
         pytest.fail(f"{HAPROXY} is missing: {_INSTALL_HINT}", pytrace=False)
-    server = HAProxy([(LOOPBACK, free_port()), (LOOPBACK, free_port())],
+    first = reserved_port()
+    server = HAProxy([(LOOPBACK, first), (LOOPBACK, reserved_port(exclude=[first]))],
                      tmp_path_factory.mktemp("haproxy"))
     try:
         server.start()

@@ -3,10 +3,11 @@ PROXY protocol v2 header to each (`send-proxy-v2`); runs in the foreground, stop
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from .ports import LOOPBACK, free_port
@@ -18,6 +19,23 @@ _POLL_INTERVAL = 0.05
 
 class HAProxyError(RuntimeError):
     pass
+
+
+def reserved_port(host: str = LOOPBACK, exclude: Collection[int] = ()) -> int:
+    """A free port below the kernel's ephemeral range, for a backend that HAProxy's config
+    names for the whole session while the proxies on it come and go: free_port() (bind to 0)
+    hands out ephemeral ports only, so no other test's process is given this one meanwhile."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(max(1024, low - 8000), low))
+    random.shuffle(candidates)
+    for port in [p for p in candidates if p not in exclude][:500]:
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise HAProxyError(f"no free port below {low} on {host}")
 
 
 class HAProxy:
