@@ -19,6 +19,9 @@ from support.scripted import DEFAULT_EXTENSIONS, ScriptedDownstream
 from support.smtpclient import RawSMTP, data_payload
 from support.wait import wait_until
 
+from relayproxy.config import ServerConfig
+from relayproxy.proxyproto import is_trusted, trusted_networks
+
 ProxyFactory = Callable[..., ProxyProcess]
 ScriptedFactory = Callable[..., ScriptedDownstream]
 
@@ -267,3 +270,27 @@ def test_shutdown_closes_connections_still_reading_their_header(
         # SIGTERM: the connection is no session yet, so nothing holds the drain up
         assert proxy.stop() == 0 and not proxy.killed, proxy.log_tail()
         assert closed_unanswered(client) == b""
+
+
+# ---------------------------------------------------------------------- trust
+
+
+@pytest.mark.parametrize(("peer", "trusted"), [
+    ("127.0.0.1", True),
+    ("127.8.9.10", True),
+    ("::1", True),
+    ("::ffff:127.0.0.1", True),  # an IPv4 peer on a dual-stack listener
+    ("fe80::1%eth0", False),
+    ("10.0.0.1", False),
+    ("", False),
+])
+def test_default_trust_is_loopback(peer: str, trusted: bool) -> None:
+    networks = trusted_networks(ServerConfig().proxy_trusted)
+    assert is_trusted(peer, networks) is trusted
+
+
+def test_configured_trust() -> None:
+    networks = trusted_networks(("10.1.0.0/16", "2001:db8::/32", "192.0.2.5"))
+    assert [is_trusted(ip, networks) for ip in ("10.1.2.3", "10.2.0.1", "2001:db8::9",
+                                                  "192.0.2.5", "192.0.2.6", "127.0.0.1")] == [
+        True, False, True, True, False, False]
