@@ -63,6 +63,11 @@ class Server:
 
     async def _proxied(self, client: ClientConnection) -> None:
         limits = self.config.server
+        if not client.peer[0]:
+            # reset before it was accepted, so nobody to read from: what a load balancer's
+            # health check does (HAProxy's: LOCAL header, then RST), so it is not counted
+            client.close()
+            return
         try:
             real = await proxyproto.read_header(
                 client, proxyproto.trusted_networks(limits.proxy_trusted), limits.proxy_timeout)

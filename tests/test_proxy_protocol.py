@@ -294,3 +294,21 @@ def test_configured_trust() -> None:
     assert [is_trusted(ip, networks) for ip in ("10.1.2.3", "10.2.0.1", "2001:db8::9",
                                                   "192.0.2.5", "192.0.2.6", "127.0.0.1")] == [
         True, False, True, True, False, False]
+
+
+def test_health_checks_that_reset_at_once_are_not_untrusted(
+    proxy_factory: ProxyFactory, downstream: ScriptedDownstream
+) -> None:
+    """HAProxy's health check: connect, LOCAL header, RST. The reset often comes before the
+    proxy learns the peer's address; such a connection is no stranger to count as untrusted."""
+    proxy = start(proxy_factory, downstream.port)
+    for _ in range(30):
+        with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
+            sock.sendall(v2_local())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_until(lambda: proxy.metric("relayproxy_connections_total") >= 31,
+               "the proxy to accept the 30 checks", 10)
+    assert proxy.metric(ERRORS, {"kind": "untrusted"}) == 0
+    with proxied(proxy.host, proxy.port, v1("198.51.100.90", 1)) as client:
+        deliver(client)
+    downstream.wait_for_messages(1)
