@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.haproxy import HAProxy
+from support.haproxy import HAProxy, reserved_port
 from support.postfix import PostfixInstance
 from support.proxy import ProxyProcess, base_config
 from support.proxyheader import wait_ready
 from support.redisd import RedisServer
 from support.smtpclient import RawSMTP, Reply, data_payload
+from support.wait import wait_until
 
 ProxyFactory = Callable[..., ProxyProcess]
 CLIENT = "127.0.0.2"  # the "internet" client; HAProxy and the proxies talk from 127.0.0.1
@@ -149,3 +150,30 @@ def test_redis_stopping_gives_the_configured_behaviour(
         assert "state: Redis unavailable (connect)" in proxy.log_text()
     delivered = mailboxes.wait_for_deliveries(1 if on_error == "tempfail" else 3, user="bob")
     assert len(delivered) == (1 if on_error == "tempfail" else 3)
+
+
+def test_haproxy_health_checks_find_the_proxy_up_and_are_not_errors(
+    proxy_factory: ProxyFactory, mailboxes: PostfixInstance,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """HAProxy's own checks (send-proxy-v2: a LOCAL header, then a reset) against a proxy
+    with the PROXY protocol on: the server is UP, and no check counts as a header error."""
+    port = reserved_port()
+    config = base_config(mailboxes.port, server={
+        "listen": [f"127.0.0.1:{port}"], "proxy_protocol": True})
+    proxy = wait_ready(proxy_factory(config, wait_ready=False))
+    checker = HAProxy([("127.0.0.1", port)], tmp_path_factory.mktemp("haproxy-check"),
+                      check=True).start()
+    try:
+        wait_until(lambda: checker.server_status().get("relay0") == "UP",
+                   "HAProxy to find the proxy UP", 15, interval=0.1,
+                   describe=lambda: f"{checker.server_status()}\n{checker.log_text()}")
+        checks = proxy.metric("relayproxy_connections_total")
+        # a few more rounds of checks (every 100 ms) after the UP
+        wait_until(lambda: proxy.metric("relayproxy_connections_total") >= checks + 10,
+                   "ten more health checks", 15, interval=0.1)
+    finally:
+        checker.stop()
+    for kind in ("untrusted", "missing", "malformed", "truncated", "timeout"):
+        assert proxy.metric("relayproxy_proxy_protocol_errors_total", {"kind": kind}) == 0, (
+            kind, proxy.log_tail())

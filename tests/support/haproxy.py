@@ -3,10 +3,12 @@ PROXY protocol v2 header to each (`send-proxy-v2`); runs in the foreground, stop
 
 from __future__ import annotations
 
+import csv
 import random
 import socket
 import subprocess
 import tempfile
+import urllib.request
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -41,18 +43,22 @@ def reserved_port(host: str = LOOPBACK, exclude: Collection[int] = ()) -> int:
 class HAProxy:
     """Round robin over `backends` (host, port), one thread so the order is exact."""
 
-    def __init__(self, backends: Sequence[tuple[str, int]], workdir: Path | None = None) -> None:
+    def __init__(self, backends: Sequence[tuple[str, int]], workdir: Path | None = None,
+                 check: bool = False) -> None:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="relayproxy-haproxy-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "haproxy.cfg"
         self.log_path = self.workdir / "haproxy.log"
         self.backends = list(backends)
+        self.check = check  # health checks every 100 ms (with the PROXY header: LOCAL)
         self.host = LOOPBACK
         self.port = 0
+        self.stats_port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     def _write_config(self) -> None:
-        servers = "".join(f"    server relay{i} {host}:{port} send-proxy-v2\n"
+        check = " check inter 100ms" if self.check else ""
+        servers = "".join(f"    server relay{i} {host}:{port} send-proxy-v2{check}\n"
                           for i, (host, port) in enumerate(self.backends))
         self.config_path.write_text(
             "global\n"
@@ -68,10 +74,17 @@ class HAProxy:
             "    default_backend relays\n"
             "backend relays\n"
             "    balance roundrobin\n"
-            f"{servers}")
+            f"{servers}"
+            "frontend stats\n"
+            "    mode http\n"
+            "    timeout client 10s\n"
+            f"    bind {self.host}:{self.stats_port}\n"
+            "    stats enable\n"
+            "    stats uri /stats\n")
 
     def start(self, timeout: float = 15) -> HAProxy:
         self.port = free_port()
+        self.stats_port = free_port()
         self._write_config()
         check = subprocess.run([HAPROXY, "-c", "-f", str(self.config_path)],
                                capture_output=True, text=True, timeout=30, check=False)
@@ -97,6 +110,16 @@ class HAProxy:
                    abort=lambda: None if process.poll() is None else "haproxy exited",
                    error=HAProxyError)
         return self
+
+    def server_status(self) -> dict[str, str]:
+        """Each backend server's status as HAProxy sees it (UP, DOWN, ...)."""
+        url = f"http://{self.host}:{self.stats_port}/stats;csv"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            rows = list(csv.reader(response.read().decode().lstrip("# ").splitlines()))
+        header = rows[0]
+        name, status = header.index("svname"), header.index("status")
+        return {row[name]: row[status] for row in rows[1:]
+                if row and row[0] == "relays" and row[name].startswith("relay")}
 
     def stop(self, timeout: float = 10) -> None:
         process, self.process = self.process, None
