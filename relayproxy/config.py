@@ -160,11 +160,11 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
-    state: StateConfig = field(default_factory=StateConfig)
     # the folder of the file it was read from: rule files are relative to it
     base_dir: str = field(default=".", compare=False)
 

@@ -29,6 +29,8 @@ REPLY_CLASSES: Final = ("4xx", "5xx")
 PROTOCOL_ERROR_KINDS: Final = (
     "line_too_long", "bad_characters", "unknown_command", "bare_newline_command", "pregreet"
 )
+PROXY_PROTOCOL_ERROR_KINDS: Final = ("untrusted", "missing", "malformed", "truncated", "timeout")
+STATE_ERROR_KINDS: Final = ("connect", "timeout", "error", "skipped")
 DOWNSTREAM_ERROR_KINDS: Final = (
     "connect", "timeout", "disconnect", "busy", "tls", "xclient", "helo_refused"
 )
@@ -45,8 +47,6 @@ SCANNERS: Final = ("clamd", "rspamd", "spamd")
 SCANNER_VERDICTS_SEEN: Final = ("clean", "infected", "spam", "reject", "tempfail", "add_header",
                                 "rewrite_subject", "skipped")
 SCANNER_ERROR_KINDS: Final = ("connect", "timeout", "protocol", "too_big")
-PROXY_PROTOCOL_ERROR_KINDS: Final = ("untrusted", "missing", "malformed", "truncated", "timeout")
-STATE_ERROR_KINDS: Final = ("connect", "timeout", "error", "skipped")
 
 # The _created series (one per child, the process start time over again) doubles what is
 # scraped and stored and tells nothing that process_start_time_seconds does not. The flag
@@ -91,6 +91,20 @@ PROTOCOL_ERRORS = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+PROXY_PROTOCOL_ERRORS = Counter(
+    "relayproxy_proxy_protocol_errors",
+    "Connections closed for want of a valid PROXY protocol header, by kind",
+    ["kind"],
+    registry=REGISTRY,
+)
+STATE_ERRORS = Counter(
+    "relayproxy_state_errors",
+    "Shared state (Redis) operations that failed, by kind (skipped: not tried, within"
+    " state.down_time of a failure); each was answered per state.on_error",
+    ["kind"],
+    registry=REGISTRY,
+)
+
 DOWNSTREAM_ERRORS = Counter(
     "relayproxy_downstream_errors",
     "Downstream failures: connect errors, timeouts, disconnects",
@@ -159,20 +173,6 @@ DOWNSTREAM_UP = Gauge(
     ["server"],
     registry=REGISTRY,
 )
-PROXY_PROTOCOL_ERRORS = Counter(
-    "relayproxy_proxy_protocol_errors",
-    "Connections closed for want of a valid PROXY protocol header, by kind",
-    ["kind"],
-    registry=REGISTRY,
-)
-STATE_ERRORS = Counter(
-    "relayproxy_state_errors",
-    "Shared state (Redis) operations that failed, by kind (skipped: not tried, within"
-    " state.down_time of a failure); each was answered per state.on_error",
-    ["kind"],
-    registry=REGISTRY,
-)
-
 for _reason in CONNECTION_REFUSAL_REASONS:
     CONNECTIONS_REFUSED.labels(_reason)
 for _outcome in MESSAGE_OUTCOMES:
@@ -183,12 +183,12 @@ for _stage, _class, _source in product(REJECTION_STAGES, REPLY_CLASSES, DECISION
     REJECTIONS.labels(_stage, _class, _source)
 for _kind in PROTOCOL_ERROR_KINDS:
     PROTOCOL_ERRORS.labels(_kind)
-for _kind in DOWNSTREAM_ERROR_KINDS:
-    DOWNSTREAM_ERRORS.labels(_kind)
 for _kind in PROXY_PROTOCOL_ERROR_KINDS:
     PROXY_PROTOCOL_ERRORS.labels(_kind)
 for _kind in STATE_ERROR_KINDS:
     STATE_ERRORS.labels(_kind)
+for _kind in DOWNSTREAM_ERROR_KINDS:
+    DOWNSTREAM_ERRORS.labels(_kind)
 for _result in CONFIG_RELOAD_RESULTS:
     CONFIG_RELOADS.labels(_result)
 for _method, _value in product(AUTH_METHODS, AUTH_RESULT_VALUES):

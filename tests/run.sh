@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh Debian machine, then run it.
 #   - Debian packages: postfix (the real downstream, and smtp-sink/smtp-source for the
-#     benchmark), dnsmasq-base (the tests' own DNS server), openssl (test certificates), swaks,
-#     haproxy and redis-server (the PROXY protocol and shared-state tests start their own)
+#     benchmark), dnsmasq-base (the tests' own DNS server), openssl (test certificates), swaks
 #   - a virtualenv .venv with relayproxy and its test dependencies
 # Usage: bash tests/run.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
+# haproxy and redis-server: the PROXY protocol and shared-state tests start their own
+command -v /usr/sbin/haproxy >/dev/null || need+=(haproxy)
+command -v /usr/bin/redis-server >/dev/null || need+=(redis-server)
 command -v /usr/sbin/postfix >/dev/null || need+=(postfix)
 command -v /usr/sbin/dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v openssl >/dev/null || need+=(openssl)
 command -v swaks >/dev/null || need+=(swaks)
-command -v /usr/sbin/haproxy >/dev/null || need+=(haproxy)
-command -v /usr/bin/redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "tests/run.sh: missing ${need[*]}; run as root (apt-get) or install them" >&2
@@ -23,7 +23,7 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   # No MTA configuration: the tests run their own private Postfix on loopback ports.
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  apt-get -o DPkg::Lock::Timeout=600 update -q
+  apt-get -o DPkg::Lock::Timeout=120 update -q
   apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need[@]}"
 fi
 
