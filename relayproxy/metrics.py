@@ -104,7 +104,6 @@ STATE_ERRORS = Counter(
     ["kind"],
     registry=REGISTRY,
 )
-
 DOWNSTREAM_ERRORS = Counter(
     "relayproxy_downstream_errors",
     "Downstream failures: connect errors, timeouts, disconnects",
@@ -173,6 +172,7 @@ DOWNSTREAM_UP = Gauge(
     ["server"],
     registry=REGISTRY,
 )
+
 for _reason in CONNECTION_REFUSAL_REASONS:
     CONNECTIONS_REFUSED.labels(_reason)
 for _outcome in MESSAGE_OUTCOMES:
