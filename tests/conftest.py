@@ -133,13 +133,6 @@ def dns_server(
         server.stop()
 
 
-@pytest.fixture
-def counting_sink() -> Iterator[CountingSink]:
-    sink = CountingSink().start()
-    yield sink
-    sink.stop()
-
-
 @pytest.fixture(scope="session")
 def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One private redis-server (loopback, no persistence) per test session."""
@@ -175,3 +168,11 @@ def haproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HAProxy]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def counting_sink() -> Iterator[CountingSink]:
+    sink = CountingSink().start()
+    yield sink
+    sink.stop()
+
