@@ -5,6 +5,7 @@ silent Redis gives with each state.on_error, through the checks' pipeline."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -264,6 +265,55 @@ def test_silent_redis_times_out_within_the_bound(silent_url: str) -> None:
     with pytest.raises(StateUnavailable):  # run() itself fails the test if this hangs
         once(silent_url, lambda s: s.hit("k", 60), timeout=0.5, down_time=0)
     assert state_errors("timeout") == timeouts + 1
+
+
+def test_redis_coming_back_is_used_again(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                         ) -> None:
+    caplog.set_level(logging.INFO, logger="relayproxy.state")
+    redis = RedisServer(tmp_path).start()
+    try:
+        async def scenario(s: RedisStore) -> list[object]:
+            results: list[object] = [await s.hit("k", 60)]
+            redis.stop()
+            try:
+                await s.hit("k", 60)
+            except StateUnavailable as exc:
+                results.append(str(exc))
+            redis.start(same_port=True)  # empty: no persistence
+            results.append(await s.hit("k", 60))
+            return results
+
+        assert once(redis.url, scenario, down_time=0) == [
+            1, "shared state unavailable (connect)", 1]
+    finally:
+        redis.stop()
+    assert "state: Redis answers again" in caplog.text
+
+
+def test_blocks_are_shared_by_the_limits_of_two_stores(redis_server: RedisServer) -> None:
+    """A network one proxy blocked (block_for) is refused at connect by the other."""
+    limit = Limit(name="probe", count="unknown_recipients", per="client_net", max=1,
+                  window=600, block_for=300)
+    unknown = Reply(550, "5.1.1", "no such user", source="downstream")
+
+    async def scenario() -> list[tuple[int | None, str | None] | None]:
+        a, b = store(redis_server.url), store(redis_server.url)
+        try:
+            session = SessionInfo("s", "192.0.2.7", 1)
+            envelope = Envelope(sender="a@example.org")
+            first, second = Pipeline([Limits([limit], a)]), Pipeline([Limits([limit], b)])
+            verdicts = [
+                await first.rcpt_reply(session, envelope, "x@relay.test", unknown),
+                await first.rcpt_reply(session, envelope, "y@relay.test", unknown),
+                await second.connect(SessionInfo("t", "192.0.2.7", 2)),
+                await second.connect(SessionInfo("u", "192.0.2.8", 3)),
+            ]
+            return [None if v is None else (v.code, v.enhanced) for v in verdicts]
+        finally:
+            await a.close()
+            await b.close()
+
+    assert run(scenario()) == [None, (421, "4.7.0"), (421, "4.7.0"), None]
 
 
 def test_pipeline_answers_state_failures_per_stage(dead_url: str) -> None:

@@ -35,8 +35,10 @@ class RedisServer:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    def start(self, timeout: float = 10) -> RedisServer:
-        self.port = free_port()
+    def start(self, timeout: float = 10, same_port: bool = False) -> RedisServer:
+        """Start on a free port (or, same_port, on the one it had: a Redis coming back)."""
+        if not (same_port and self.port):
+            self.port = free_port()
         argv = [REDIS_SERVER, "--port", str(self.port), "--bind", self.host, "--save", "",
                 "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no",
                 "--protected-mode", "no"]
