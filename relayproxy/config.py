@@ -49,6 +49,9 @@ Nameservers = Annotated[tuple[HostPort, ...], msgspec.Meta(
     description="a list of host or host:port", extra={"default_port": 53})]
 OptionalHostPort = Annotated[
     HostPort | None, msgspec.Meta(description='host:port, or "" for none')]
+Networks = Annotated[tuple[str, ...], msgspec.Meta(
+    description="a network (CIDR) or a list of networks")]
+OnError = Literal["tempfail", "open"]
 # no whitespace or control characters: it goes into the banner, EHLO and Received
 HostName = Annotated[str, msgspec.Meta(pattern=r"\A[^\s\x00-\x20]+\Z", description="a host name")]
 
@@ -73,6 +76,9 @@ class ServerConfig:
     drain_timeout: Seconds = 30.0
     reverse_dns: bool = True
     greet_delay: NonNegative = 0.0
+    proxy_protocol: bool = False
+    proxy_trusted: Networks = ("127.0.0.0/8", "::1/128")
+    proxy_timeout: Seconds = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +142,25 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig:
+    """Where limit counters, blocks, the recipient cache and greylisting live: in this process,
+    or in Redis when redis_url is set (shared by several proxies)."""
+
+    redis_url: str = ""
+    on_error: OnError = "tempfail"
+    timeout: Seconds = 1.0
+    key_prefix: str = "relayproxy:"
+    max_connections: Positive = 20
+    down_time: NonNegative = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
@@ -288,6 +308,23 @@ def _check_consistency(config: Config) -> None:
                 raise ConfigError(
                     f"server.listen: {hp} must be an IP address (or localhost)"
                 ) from None
+    _check_networks(config.server.proxy_trusted, "server.proxy_trusted")
+    _check_state(config.state)
+
+
+def _check_networks(items: Iterable[str], key: str) -> None:
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not a network (CIDR)") from None
+
+
+def _check_state(state: StateConfig) -> None:
+    scheme = state.redis_url.partition("://")[0]
+    if state.redis_url and scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"state.redis_url: {state.redis_url!r} is not a redis://, rediss:// or unix:// URL")
 
 
 def load(path: str | Path) -> Config:

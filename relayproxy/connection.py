@@ -141,6 +141,34 @@ class ClientConnection(asyncio.Protocol):
             await self._wait_data()
         return line
 
+    # exact reads, for the PROXY protocol header that comes before any SMTP line
+
+    async def read_exactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            await self._wait_data()
+        return self._take(n)
+
+    async def read_some(self, n: int) -> bytes:
+        """1 to n buffered bytes."""
+        while not self._buf:
+            await self._wait_data()
+        return self._take(n)
+
+    async def read_until(self, separator: bytes, limit: int) -> bytes:
+        """Bytes through separator; ValueError once more than limit bytes hold none."""
+        while (idx := self._buf.find(separator)) < 0 or idx + len(separator) > limit:
+            if len(self._buf) > limit or idx >= 0:
+                raise ValueError(f"no {separator!r} within {limit} bytes")
+            await self._wait_data()
+        return self._take(idx + len(separator))
+
+    def _take(self, n: int) -> bytes:
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._scanned = 0
+        self._consumed()
+        return data
+
     @property
     def writing_paused(self) -> bool:
         return self._paused_writing

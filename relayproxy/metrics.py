@@ -29,6 +29,8 @@ REPLY_CLASSES: Final = ("4xx", "5xx")
 PROTOCOL_ERROR_KINDS: Final = (
     "line_too_long", "bad_characters", "unknown_command", "bare_newline_command", "pregreet"
 )
+PROXY_PROTOCOL_ERROR_KINDS: Final = ("untrusted", "missing", "malformed", "truncated", "timeout")
+STATE_ERROR_KINDS: Final = ("connect", "timeout", "error", "skipped")
 DOWNSTREAM_ERROR_KINDS: Final = (
     "connect", "timeout", "disconnect", "busy", "tls", "xclient", "helo_refused"
 )
@@ -86,6 +88,19 @@ REJECTIONS = Counter(
 PROTOCOL_ERRORS = Counter(
     "relayproxy_protocol_errors",
     "Client protocol errors (syntax, sequence, overlong lines, bare newlines)",
+    ["kind"],
+    registry=REGISTRY,
+)
+PROXY_PROTOCOL_ERRORS = Counter(
+    "relayproxy_proxy_protocol_errors",
+    "Connections closed for want of a valid PROXY protocol header, by kind",
+    ["kind"],
+    registry=REGISTRY,
+)
+STATE_ERRORS = Counter(
+    "relayproxy_state_errors",
+    "Shared state (Redis) operations that failed, by kind (skipped: not tried, within"
+    " state.down_time of a failure); each was answered per state.on_error",
     ["kind"],
     registry=REGISTRY,
 )
@@ -168,6 +183,10 @@ for _stage, _class, _source in product(REJECTION_STAGES, REPLY_CLASSES, DECISION
     REJECTIONS.labels(_stage, _class, _source)
 for _kind in PROTOCOL_ERROR_KINDS:
     PROTOCOL_ERRORS.labels(_kind)
+for _kind in PROXY_PROTOCOL_ERROR_KINDS:
+    PROXY_PROTOCOL_ERRORS.labels(_kind)
+for _kind in STATE_ERROR_KINDS:
+    STATE_ERRORS.labels(_kind)
 for _kind in DOWNSTREAM_ERROR_KINDS:
     DOWNSTREAM_ERRORS.labels(_kind)
 for _result in CONFIG_RELOAD_RESULTS:

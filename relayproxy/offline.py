@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from . import dns as rdns
 from .checks import Envelope, MessageInfo, Pipeline, SessionInfo
-from .config import Config
+from .config import Config, StateConfig
 from .dotreader import Unstuffer, stuff
 from .headers import HeaderSection, find_end
 from .policy.engine import Evaluation, RulesCheck
@@ -58,7 +58,9 @@ def _verdict_word(reply: Reply) -> str:
 
 async def run(config: Config, client_ip: str, helo: str, sender: str,
               recipients: list[str], message: bytes) -> Result:
-    runtime = build_runtime(config, trace=True)
+    # a trial never counts towards the live proxies' limits nor reads their blocks: state in
+    # this process, whatever state.redis_url says
+    runtime = build_runtime(replace(config, state=StateConfig()), trace=True)
     pipeline = runtime.pipeline
     rules = next((c for c in pipeline.checks if isinstance(c, RulesCheck)), None)
     session = SessionInfo("offline", client_ip, 0, helo=helo, esmtp=True)

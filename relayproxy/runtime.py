@@ -10,12 +10,13 @@ import ssl
 from dataclasses import dataclass
 
 from .checks import Pipeline
-from .config import Config, ConfigError
+from .config import Config, ConfigError, StateConfig
 from .dns import ClientNames, make_resolver
 from .downstream import Pool
 from .pipeline import Services, build_pipeline
 from .policy.dnsbl import Dnsbl
-from .policy.state import MemoryStore
+from .policy.redis_store import RedisStore
+from .policy.state import MemoryStore, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +38,12 @@ def build_runtime(config: Config, previous: Runtime | None = None, trace: bool =
     counters) carries over a reload when its configuration did not change."""
     pool = previous.pool if previous and previous.config.downstream == config.downstream and (
         previous.config.downstream_helo == config.downstream_helo) else None
-    services = previous.services if previous and previous.config.dns == config.dns else None
+    same_state = previous is not None and previous.config.state == config.state
+    services = previous.services if previous and previous.config.dns == config.dns and (
+        same_state) else None
     if services is None:
         resolver = make_resolver(config.dns)
-        store = previous.services.store if previous else MemoryStore()
+        store = previous.services.store if previous and same_state else make_store(config.state)
         services = Services(resolver, ClientNames(resolver), Dnsbl(resolver), store)
     return Runtime(
         config=config,
@@ -49,6 +52,19 @@ def build_runtime(config: Config, previous: Runtime | None = None, trace: bool =
         services=services,
         tls_context=server_tls_context(config) if config.tls.enabled else None,
     )
+
+
+def make_store(config: StateConfig) -> Store:
+    """Redis with state.redis_url (shared by every proxy using it), else this process's
+    memory."""
+    if not config.redis_url:
+        return MemoryStore()
+    try:
+        return RedisStore(config.redis_url, key_prefix=config.key_prefix, timeout=config.timeout,
+                          max_connections=config.max_connections, on_error=config.on_error,
+                          down_time=config.down_time)
+    except ValueError as exc:  # redis-py's URL parsing
+        raise ConfigError(f"state.redis_url: {exc}") from None
 
 
 def server_tls_context(config: Config) -> ssl.SSLContext:

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import config as config_module
-from . import metrics, replies
+from . import metrics, proxyproto, replies
 from .config import Config, ConfigError
 from .connection import ClientConnection
 from .downstream import Pool
@@ -28,6 +28,8 @@ class Server:
         self._servers: list[asyncio.AbstractServer] = []
         self._sessions: dict[asyncio.Task[None], Session] = {}
         self._per_ip: Counter[str] = Counter()
+        # connections still reading their PROXY header (server.proxy_protocol)
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._old_pools: list[Pool] = []
 
@@ -48,10 +50,47 @@ class Server:
     def _accept(self, client: ClientConnection) -> None:
         metrics.CONNECTIONS.inc()
         limits = self.config.server
-        ip = client.peer[0]
-        if len(self._sessions) >= limits.max_connections:
+        if len(self._sessions) + len(self._handshakes) >= limits.max_connections:
             self._refuse(client, replies.TOO_MANY_CONNECTIONS, "max_connections")
             return
+        if limits.proxy_protocol:
+            # the per-address limit and the session wait for the real address
+            task = asyncio.get_running_loop().create_task(self._proxied(client))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+            return
+        self._admit(client)
+
+    async def _proxied(self, client: ClientConnection) -> None:
+        limits = self.config.server
+        if not client.peer[0]:
+            # reset before it was accepted, so nobody to read from: what a load balancer's
+            # health check does (HAProxy's: LOCAL header, then RST), so it is not counted
+            client.close()
+            return
+        try:
+            real = await proxyproto.read_header(
+                client, proxyproto.trusted_networks(limits.proxy_trusted), limits.proxy_timeout)
+        except proxyproto.ProxyHeaderError as exc:
+            metrics.PROXY_PROTOCOL_ERRORS.labels(exc.kind).inc()
+            log.info("PROXY protocol %s from %s: %s; connection closed", exc.kind,
+                     client.peer[0], exc)
+            client.close()
+            return
+        except asyncio.CancelledError:  # shutting down
+            client.close()
+            raise
+        except Exception:
+            log.exception("PROXY protocol header from %s", client.peer[0])
+            client.close()
+            return
+        if real is not None:
+            client.peer = real
+        self._admit(client)
+
+    def _admit(self, client: ClientConnection) -> None:
+        limits = self.config.server
+        ip = client.peer[0]
         if self._per_ip[ip] >= limits.max_connections_per_ip:
             self._refuse(client, replies.TOO_MANY_FROM_IP, "max_connections_per_ip")
             return
@@ -117,6 +156,8 @@ class Server:
         """Stop accepting; let transactions in flight finish for up to drain_timeout."""
         for server in self._servers:
             server.close()
+        for handshake in list(self._handshakes):
+            handshake.cancel()  # nothing said yet: closed without a word
         sessions = self._sessions
         log.info("shutting down: %d sessions open", len(sessions))
         for task, session in list(sessions.items()):

@@ -10,14 +10,17 @@ from typing import Any
 
 import pytest
 from support.dns import DNSMASQ, DnsServer
+from support.haproxy import HAPROXY, HAProxy, reserved_port
+from support.ports import LOOPBACK
 from support.postfix import POSTFIX, PostfixInstance
 from support.proxy import ProxyProcess
+from support.redisd import REDIS_SERVER, RedisServer
 from support.scripted import ScriptedDownstream
 from support.sink import CountingSink
 
 _INSTALL_HINT = (
-    "run the test command from README.md: it installs Postfix, dnsmasq and swaks and runs "
-    "the suite as root"
+    "run the test command from README.md: it installs Postfix, dnsmasq, swaks, haproxy and "
+    "redis-server and runs the suite as root"
 )
 
 
@@ -130,8 +133,46 @@ def dns_server(
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private redis-server (loopback, no persistence) per test session."""
+    if not Path(REDIS_SERVER).exists():
+        pytest.fail(f"{REDIS_SERVER} is missing: {_INSTALL_HINT}", pytrace=False)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(request: pytest.FixtureRequest, redis_session: RedisServer) -> RedisServer:
+    """The session's Redis, emptied."""
+    redis_session.flush()
+    _add_log_source(request, "redis log (tail)", lambda: redis_session.log_text()[-4000:])
+    return redis_session
+
+
+@pytest.fixture(scope="session")
+def haproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HAProxy]:
+    """One private HAProxy per session (TCP mode, round robin, send-proxy-v2) in front of two
+    loopback ports, haproxy.backends, where a test starts its relayproxy instances."""
+    if not Path(HAPROXY).exists():
+        pytest.fail(f"{HAPROXY} is missing: {_INSTALL_HINT}", pytrace=False)
+    first = reserved_port()
+    server = HAProxy([(LOOPBACK, first), (LOOPBACK, reserved_port(exclude=[first]))],
+                     tmp_path_factory.mktemp("haproxy"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def counting_sink() -> Iterator[CountingSink]:
     sink = CountingSink().start()
     yield sink
     sink.stop()
+

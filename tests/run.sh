@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
+# haproxy and redis-server: the PROXY protocol and shared-state tests start their own
+command -v /usr/sbin/haproxy >/dev/null || need+=(haproxy)
+command -v /usr/bin/redis-server >/dev/null || need+=(redis-server)
 command -v /usr/sbin/postfix >/dev/null || need+=(postfix)
 command -v /usr/sbin/dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v openssl >/dev/null || need+=(openssl)
@@ -21,7 +24,7 @@ if [ ${#need[@]} -gt 0 ]; then
   # No MTA configuration: the tests run their own private Postfix on loopback ports.
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
   apt-get -o DPkg::Lock::Timeout=120 update -q
-  apt-get -o DPkg::Lock::Timeout=120 install -y -q --no-install-recommends "${need[@]}"
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need[@]}"
 fi
 
 if [ ! -x .venv/bin/python ]; then

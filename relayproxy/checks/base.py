@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..headers import HeaderSection
-from ..policy.verdict import Verdict
+from ..policy.state import StateUnavailable
+from ..policy.verdict import Action, Verdict
 from ..replies import Reply
 
 log = logging.getLogger("relayproxy.checks")
@@ -168,6 +169,20 @@ def check_failed(check: str, stage: str, exc: BaseException) -> Verdict:
                             "4.3.0", check=check)
 
 
+def state_failed(check: str, stage: str, exc: StateUnavailable) -> Verdict | None:
+    """Shared state (Redis) unreachable (the store logged and counted it): per state.on_error,
+    the check passes, or a temporary refusal; at connect, 421 (the only 4xx that may take the
+    banner's place)."""
+    log.debug("check %s at %s: %s", check, stage, exc)
+    if exc.fail_open:
+        return None
+    if stage == "connect":
+        return Verdict(Action.DISCONNECT, "Shared state unavailable, try again later", 421,
+                       "4.3.0", check=check)
+    return Verdict.tempfail("Shared state unavailable, try again later", 451, "4.3.0",
+                            check=check)
+
+
 async def guarded(check: str, stage: str, call: Awaitable[Verdict | None],
                   deadline: float | None) -> Verdict | None:
     """A check's verdict within its deadline; one that raises or overruns tempfails."""
@@ -180,6 +195,8 @@ async def guarded(check: str, stage: str, call: Awaitable[Verdict | None],
         raise
     except TimeoutError:
         return check_failed(check, stage, TimeoutError(f"no verdict within {deadline:g}s"))
+    except StateUnavailable as exc:
+        return state_failed(check, stage, exc)
     except Exception as exc:
         return check_failed(check, stage, exc)
 

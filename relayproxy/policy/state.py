@@ -1,9 +1,10 @@
 """Shared counters, blocks and small values for rate limits, caches and greylisting.
 
 Store is the interface the checks use; it is async and key/value shaped so that a Redis store
-(shared by several proxies) can stand in for MemoryStore (one process) without the checks
-changing. hit/count, block/blocked and get/put are three separate namespaces: the same key in
-each is a different entry (a Redis store prefixes its keys accordingly).
+(shared by several proxies, relayproxy.policy.redis_store) stands in for MemoryStore (one
+process) without the checks changing. hit/count, block/blocked and get/put are three separate
+namespaces: the same key in each is a different entry (a Redis store prefixes its keys
+accordingly).
 
 MemoryStore's sliding window is a ring of `buckets` sub-window counters per key (default 20),
 so a key costs the same memory however fast it is hit. Counts are exact; time has the
@@ -29,6 +30,15 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..address import PathError, ascii_domain
+
+
+class StateUnavailable(Exception):
+    """A shared store could not answer. The checks' pipeline answers it per state.on_error:
+    a temporary refusal, or (fail_open) the check passes."""
+
+    def __init__(self, message: str, fail_open: bool = False) -> None:
+        super().__init__(message)
+        self.fail_open = fail_open
 
 
 class Store(Protocol):
