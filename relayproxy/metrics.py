@@ -6,7 +6,7 @@ Labels are bounded sets (outcome, source, command, reason); never addresses or d
 from __future__ import annotations
 
 from itertools import product
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -14,8 +14,13 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
+    generate_latest,
 )
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
 
 # Every value each label can take. Each child is created at import so that every series is
 # exported at 0 from the start: a series that appears only with its first event is invisible
@@ -192,5 +197,14 @@ RECIPIENTS_BY = {(o, s): RECIPIENTS.labels(o, s)
                  for o, s in product(RECIPIENT_OUTCOMES, DECISION_SOURCES)}
 
 
-def serve(host: str, port: int) -> None:
-    start_http_server(port, addr=host, registry=REGISTRY)
+def scrape() -> tuple[bytes, str]:
+    """The Prometheus text exposition of every metric, and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+async def serve(host: str, port: int, unready_reason: Callable[[], str | None]
+                ) -> asyncio.Server:
+    """/metrics, /healthz and /readyz from the event loop (relayproxy.endpoint)."""
+    from .endpoint import serve_operations
+
+    return await serve_operations(host, port, unready_reason)

@@ -35,6 +35,11 @@ class Server:
     def config(self) -> Config:
         return self.runtime.config
 
+    @property
+    def accepting(self) -> bool:
+        """Listening and not draining (for /readyz)."""
+        return bool(self._servers) and not self._stop.is_set()
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for hp in self.config.server.listen:
