@@ -16,7 +16,6 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     import asyncio
@@ -199,7 +198,9 @@ RECIPIENTS_BY = {(o, s): RECIPIENTS.labels(o, s)
 
 def scrape() -> tuple[bytes, str]:
     """The Prometheus text exposition of every metric, and its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    # the text format generate_latest writes; prometheus-client's newest CONTENT_TYPE_LATEST
+    # names a later version that Prometheus before 3.0 does not know
+    return generate_latest(REGISTRY), "text/plain; version=0.0.4; charset=utf-8"
 
 
 async def serve(host: str, port: int, unready_reason: Callable[[], str | None]

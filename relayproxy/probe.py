@@ -50,16 +50,18 @@ class DownstreamProbe:
         return down.connect_timeout + down.command_timeout
 
     def unready_reason(self) -> str | None:
-        """None when some downstream answered within the last probe interval (plus the time
-        a probe may take); otherwise why not."""
+        """None when some downstream answered its latest probe, and that within the probe
+        interval (plus the time a probe may take: a stuck prober is not a healthy one);
+        otherwise why not."""
         config = self._config()
         interval = config.downstream.probe_interval
         if interval == 0:
             return None  # probing is off: readiness does not depend on the downstream
         oldest = asyncio.get_running_loop().time() - interval - self._deadline(config)
-        if any(self._answered.get(s, -1.0) >= oldest for s in config.downstream.servers):
+        if any(self._up.get(s) and self._answered[s] >= oldest
+               for s in config.downstream.servers):
             return None
-        if not self._answered:
+        if not self._up:
             return "no downstream probed yet"
         return f"no downstream answered a probe in the last {interval:g} s"
 
