@@ -161,6 +161,18 @@ DOWNSTREAM_UP = Gauge(
     ["server"],
     registry=REGISTRY,
 )
+MAX_CONNECTIONS = Gauge(
+    "relayproxy_max_connections",
+    "The configured server.max_connections (to compare relayproxy_sessions_active with)",
+    registry=REGISTRY,
+)
+CONFIG_LAST_RELOAD_OK = Gauge(
+    "relayproxy_config_last_reload_successful",
+    "1 when the last SIGHUP reload succeeded (or none was tried), 0 when it failed and the"
+    " previous configuration is still running",
+    registry=REGISTRY,
+)
+CONFIG_LAST_RELOAD_OK.set(1)
 
 for _reason in CONNECTION_REFUSAL_REASONS:
     CONNECTIONS_REFUSED.labels(_reason)

@@ -30,6 +30,7 @@ class Server:
         self._per_ip: Counter[str] = Counter()
         self._stop = asyncio.Event()
         self._old_pools: list[Pool] = []
+        metrics.MAX_CONNECTIONS.set(config.server.max_connections)
 
     @property
     def config(self) -> Config:
@@ -105,6 +106,7 @@ class Server:
             runtime = build_runtime(new, self.runtime)
         except ConfigError as exc:
             metrics.CONFIG_RELOADS.labels("failed").inc()
+            metrics.CONFIG_LAST_RELOAD_OK.set(0)
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         if new.server.listen != self.config.server.listen:
@@ -116,6 +118,8 @@ class Server:
             self.runtime.pool.close_idle()
         self.runtime = runtime
         metrics.CONFIG_RELOADS.labels("ok").inc()
+        metrics.CONFIG_LAST_RELOAD_OK.set(1)
+        metrics.MAX_CONNECTIONS.set(new.server.max_connections)
         log.info("configuration reloaded from %s", self.config_path)
 
     async def drain(self) -> None:
