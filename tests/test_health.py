@@ -167,3 +167,25 @@ def test_probe_off_readiness_ignores_the_downstream(
     downstream.stop()
     assert wait_ready(proxy, 200) == b"ready\n"
     assert "relayproxy_downstream_up{" not in proxy.metrics_text()
+
+
+def test_reload_gauges(scripted: ScriptedFactory, proxy_factory: ProxyFactory) -> None:
+    """relayproxy_config_last_reload_successful and relayproxy_max_connections (the alerting
+    rules' inputs) follow SIGHUP reloads."""
+    downstream = scripted()
+    config = base_config(downstream.port, server={"max_connections": 40})
+    proxy = proxy_factory(config)
+    assert proxy.metric("relayproxy_max_connections") == 40
+    assert proxy.metric("relayproxy_config_last_reload_successful") == 1
+
+    config["server"]["max_connections"] = -1
+    proxy.reload(config)
+    proxy.wait_for_log("reload failed")
+    assert proxy.metric("relayproxy_config_last_reload_successful") == 0
+    assert proxy.metric("relayproxy_max_connections") == 40
+
+    config["server"]["max_connections"] = 60
+    proxy.reload(config)
+    proxy.wait_for_log("configuration reloaded")
+    assert proxy.metric("relayproxy_config_last_reload_successful") == 1
+    assert proxy.metric("relayproxy_max_connections") == 60
