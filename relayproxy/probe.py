@@ -73,7 +73,11 @@ class DownstreamProbe:
                 self._forget(set())
                 await asyncio.sleep(1.0)  # off; look again for a reload that turns it on
                 continue
-            await self.probe_all()
+            try:
+                await self.probe_all()
+            except Exception:
+                # a dead prober would leave the proxy unready for good: log, and go on
+                log.exception("downstream probe failed")
             await asyncio.sleep(interval)
 
     async def probe_all(self) -> None:
