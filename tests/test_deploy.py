@@ -417,3 +417,10 @@ def test_kubernetes_manifests_fit_together(tmp_path: Path) -> None:
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert hpa["spec"]["metrics"]
+
+
+def test_readme_operating_lists_every_alert() -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    operating = readme.split("## Operating", 1)[1].split("\n## ", 1)[0]
+    for name in ALERT_NAMES:
+        assert f"| `{name}` |" in operating, f"README's Operating section lacks {name}"

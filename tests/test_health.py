@@ -12,8 +12,9 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
-from support.proxy import ProxyProcess, base_config, split_hostport
+from support.proxy import PROJECT_ROOT, ProxyProcess, base_config, split_hostport
 from support.scripted import ScriptedDownstream
 from support.smtpclient import RawSMTP, send_message
 from support.wait import wait_until
@@ -189,3 +190,31 @@ def test_reload_gauges(scripted: ScriptedFactory, proxy_factory: ProxyFactory) -
     proxy.wait_for_log("configuration reloaded")
     assert proxy.metric("relayproxy_config_last_reload_successful") == 1
     assert proxy.metric("relayproxy_max_connections") == 60
+
+
+def test_healthz_fails_while_the_event_loop_is_wedged(
+        scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path) -> None:
+    """The endpoint is served by the loop that runs the sessions: a check that blocks it
+    (WedgesLoop, at HELO) makes /healthz go unanswered until the loop runs again."""
+    downstream = scripted()
+    gate = tmp_path / "gate"
+    config = base_config(downstream.port,
+                         plugins={"checks": ["tests.support.checks:WedgesLoop"]})
+    proxy = proxy_factory(config, env={"PYTHONPATH": str(PROJECT_ROOT),
+                                       "RELAYPROXY_TEST_GATE": str(gate)})
+    assert get(proxy, "/healthz")[0] == 200
+    with RawSMTP() as client:
+        client.connect(proxy.host, proxy.port)
+        client.send("EHLO client.test\r\n")  # its answer waits for the loop
+
+        def unanswered() -> bool:
+            try:
+                urllib.request.urlopen(_url(proxy, "/healthz"), timeout=0.5).close()
+            except TimeoutError:
+                return True
+            return False
+
+        wait_until(unanswered, "/healthz to go unanswered", 10, describe=proxy.log_tail)
+        gate.touch()
+        assert client.read_reply().code == 250
+    assert get(proxy, "/healthz")[0] == 200
