@@ -46,19 +46,21 @@ async def _serve(config: Config, path: str | None, banner: str = "") -> int:
     from .server import Server
 
     server = Server(config, path)
-    await server.start()
     probe = DownstreamProbe(lambda: server.config, lambda: server.runtime.pool)
-    probe.start()
 
     def unready_reason() -> str | None:
         if not server.accepting:
             return "not accepting connections"
         return probe.unready_reason()
 
+    # the endpoint first: whoever sees the SMTP banner can scrape (and /readyz says 503 until
+    # the listener is up)
     endpoint = None
     if config.metrics.listen is not None:
         endpoint = await metrics.serve(
             config.metrics.listen.host, config.metrics.listen.port, unready_reason)
+    await server.start()
+    probe.start()
     server.install_signal_handlers()
     if banner:
         print(banner, flush=True)
