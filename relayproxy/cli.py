@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from . import __version__, metrics
 from .config import Config, ConfigError, load, with_overrides
+from .logformat import setup_logging
+from .probe import DownstreamProbe
 from .runtime import build_runtime
 
 
@@ -40,25 +42,34 @@ def _event_loop_policy() -> None:
     logging.getLogger("relayproxy.cli").info("event loop: %s", loop)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
-
-
 async def _serve(config: Config, path: str | None, banner: str = "") -> int:
     from .server import Server
 
     server = Server(config, path)
-    await server.start()
+    probe = DownstreamProbe(lambda: server.config, lambda: server.runtime.pool)
+
+    def unready_reason() -> str | None:
+        if not server.accepting:
+            return "not accepting connections"
+        return probe.unready_reason()
+
+    # the endpoint first: whoever sees the SMTP banner can scrape (and /readyz says 503 until
+    # the listener is up)
+    endpoint = None
     if config.metrics.listen is not None:
-        metrics.serve(config.metrics.listen.host, config.metrics.listen.port)
+        endpoint = await metrics.serve(
+            config.metrics.listen.host, config.metrics.listen.port, unready_reason)
+    await server.start()
+    probe.start()
     server.install_signal_handlers()
     if banner:
         print(banner, flush=True)
-    await server.serve()
+    try:
+        await server.serve()
+    finally:
+        await probe.stop()
+        if endpoint is not None:
+            endpoint.close()
     return 0
 
 
@@ -73,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"relayproxy: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(config.log.level)
+    setup_logging(config.log.level, config.log.format)
     _event_loop_policy()
     try:
         return asyncio.run(_serve(config, args.config))
@@ -118,7 +129,7 @@ def cmd_test_message(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoMailbox, demo_config, instructions, start_mailbox
 
-    _setup_logging("info")
+    setup_logging("info", "logfmt")
     _event_loop_policy()
 
     async def main() -> int:

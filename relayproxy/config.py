@@ -105,6 +105,8 @@ class DownstreamConfig:
     down_time: Seconds = 30.0
     reuse_connections: bool = True
     idle_timeout: Seconds = 10.0
+    # active health checking (relayproxy.probe); 0 turns it off
+    probe_interval: NonNegative = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,7 @@ class PluginsConfig:
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["logfmt", "json"] = "logfmt"
 
 
 @dataclass(frozen=True, slots=True)

@@ -297,6 +297,14 @@ class Pool:
         conn.park(self.config.idle_timeout)
         self._idle.append(conn)
 
+    def probed(self, server: HostPort, ok: bool) -> None:
+        """An active probe's result (relayproxy.probe): a failure marks the server down as a
+        failed connection does; an answer marks it up at once, before its down_time is over."""
+        for state in self._servers:
+            if state.address == server:
+                state.down_until = (
+                    0.0 if ok else asyncio.get_running_loop().time() + self.config.down_time)
+
     def close_idle(self) -> None:
         for conn in list(self._idle):
             conn.quit()

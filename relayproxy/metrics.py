@@ -6,7 +6,7 @@ Labels are bounded sets (outcome, source, command, reason); never addresses or d
 from __future__ import annotations
 
 from itertools import product
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -14,8 +14,12 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
+    generate_latest,
 )
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
 
 # Every value each label can take. Each child is created at import so that every series is
 # exported at 0 from the start: a series that appears only with its first event is invisible
@@ -172,6 +176,18 @@ DOWNSTREAM_UP = Gauge(
     ["server"],
     registry=REGISTRY,
 )
+MAX_CONNECTIONS = Gauge(
+    "relayproxy_max_connections",
+    "The configured server.max_connections (to compare relayproxy_sessions_active with)",
+    registry=REGISTRY,
+)
+CONFIG_LAST_RELOAD_OK = Gauge(
+    "relayproxy_config_last_reload_successful",
+    "1 when the last SIGHUP reload succeeded (or none was tried), 0 when it failed and the"
+    " previous configuration is still running",
+    registry=REGISTRY,
+)
+CONFIG_LAST_RELOAD_OK.set(1)
 
 for _reason in CONNECTION_REFUSAL_REASONS:
     CONNECTIONS_REFUSED.labels(_reason)
@@ -211,5 +227,16 @@ RECIPIENTS_BY = {(o, s): RECIPIENTS.labels(o, s)
                  for o, s in product(RECIPIENT_OUTCOMES, DECISION_SOURCES)}
 
 
-def serve(host: str, port: int) -> None:
-    start_http_server(port, addr=host, registry=REGISTRY)
+def scrape() -> tuple[bytes, str]:
+    """The Prometheus text exposition of every metric, and its content type."""
+    # the text format generate_latest writes; prometheus-client's newest CONTENT_TYPE_LATEST
+    # names a later version that Prometheus before 3.0 does not know
+    return generate_latest(REGISTRY), "text/plain; version=0.0.4; charset=utf-8"
+
+
+async def serve(host: str, port: int, unready_reason: Callable[[], str | None]
+                ) -> asyncio.Server:
+    """/metrics, /healthz and /readyz from the event loop (relayproxy.endpoint)."""
+    from .endpoint import serve_operations
+
+    return await serve_operations(host, port, unready_reason)

@@ -32,10 +32,16 @@ class Server:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._old_pools: list[Pool] = []
+        metrics.MAX_CONNECTIONS.set(config.server.max_connections)
 
     @property
     def config(self) -> Config:
         return self.runtime.config
+
+    @property
+    def accepting(self) -> bool:
+        """Listening and not draining (for /readyz)."""
+        return bool(self._servers) and not self._stop.is_set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -139,6 +145,7 @@ class Server:
             runtime = build_runtime(new, self.runtime)
         except ConfigError as exc:
             metrics.CONFIG_RELOADS.labels("failed").inc()
+            metrics.CONFIG_LAST_RELOAD_OK.set(0)
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         if new.server.listen != self.config.server.listen:
@@ -150,6 +157,8 @@ class Server:
             self.runtime.pool.close_idle()
         self.runtime = runtime
         metrics.CONFIG_RELOADS.labels("ok").inc()
+        metrics.CONFIG_LAST_RELOAD_OK.set(1)
+        metrics.MAX_CONNECTIONS.set(new.server.max_connections)
         log.info("configuration reloaded from %s", self.config_path)
 
     async def drain(self) -> None:

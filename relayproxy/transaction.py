@@ -1,12 +1,12 @@
 """The transaction record: what one MAIL..end-of-data exchange did, as one log line and metrics.
 
-Each transaction gives exactly one logfmt line with event=transaction when it ends (delivered,
-refused, reset, or cut off), and counts in relayproxy_messages_total once it reached DATA.
+Each transaction gives exactly one log line (logfmt or JSON, relayproxy.logformat) with
+event=transaction when it ends (delivered, refused, reset, or cut off), and counts in
+relayproxy_messages_total once it reached DATA.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,13 +21,6 @@ txlog = logging.getLogger("relayproxy.transaction")
 def outcome_of(reply: Reply) -> str:
     """The metrics/log word for a reply: accepted, tempfailed or rejected."""
     return "accepted" if reply.code < 400 else "tempfailed" if reply.code < 500 else "rejected"
-
-
-def _logfmt_value(value: object) -> str:
-    text = str(value)
-    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
-        return text
-    return json.dumps(text, ensure_ascii=False)
 
 
 @dataclass(slots=True)
@@ -73,4 +66,5 @@ class Transaction:
             "duration_ms": f"{(time.monotonic() - self.started) * 1000:.1f}",
             **self.envelope.log_fields,
         }
-        txlog.info(" ".join(f"{k}={_logfmt_value(v)}" for k, v in fields.items()))
+        # the formatter (relayproxy.logformat) writes the fields as logfmt or JSON keys
+        txlog.info("transaction", extra={"fields": fields})

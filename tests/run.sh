@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh Debian machine, then run it.
 #   - Debian packages: postfix (the real downstream, and smtp-sink/smtp-source for the
-#     benchmark), dnsmasq-base (the tests' own DNS server), openssl (test certificates), swaks
+#     benchmark), dnsmasq-base (the tests' own DNS server), openssl (test certificates), swaks,
+#     prometheus (promtool for deploy/prometheus and deploy/grafana, and a live scrape)
 #   - a virtualenv .venv with relayproxy and its test dependencies
 # Usage: bash tests/run.sh [pytest args...]
 set -euo pipefail
@@ -15,6 +16,8 @@ command -v /usr/sbin/postfix >/dev/null || need+=(postfix)
 command -v /usr/sbin/dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v openssl >/dev/null || need+=(openssl)
 command -v swaks >/dev/null || need+=(swaks)
+# promtool (alerting rules, dashboard queries) and prometheus (scrapes a live proxy)
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "tests/run.sh: missing ${need[*]}; run as root (apt-get) or install them" >&2

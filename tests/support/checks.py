@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -123,3 +124,20 @@ class Exploding(Check):
 
     def body_observer(self, session: SessionInfo, envelope: Envelope) -> BodyObserver | None:
         return self._Boom()
+
+
+class WedgesLoop(Check):
+    """Blocks the whole event loop at HELO (a synchronous call where none may be) until the
+    file named by RELAYPROXY_TEST_GATE exists, for at most 30 s: a wedged proxy for the
+    liveness endpoint to notice."""
+
+    name = "wedges-loop"
+
+    def __init__(self) -> None:
+        self.gate = Path(os.environ["RELAYPROXY_TEST_GATE"])
+
+    async def on_helo(self, session: SessionInfo) -> Verdict | None:
+        deadline = time.monotonic() + 30
+        while not self.gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # blocking on purpose
+        return None

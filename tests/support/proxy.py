@@ -138,6 +138,9 @@ def base_config(downstream_port: int | Sequence[int], **overrides: Any) -> dict[
             "connect_timeout": 3,
             "command_timeout": 5,
             "data_timeout": 10,
+            # No health probes unless a test asks: their connections would show up in what
+            # scripted downstreams and Postfix count, at times no test controls.
+            "probe_interval": 0,
         },
         "metrics": {"listen": f"{LOOPBACK}:{free_port()}"},
     }
