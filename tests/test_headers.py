@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from relayproxy.headers import HeaderSection, find_end
 
 
@@ -37,3 +40,62 @@ def test_wire_form_after_remove_and_prepend() -> None:
     assert section.remove("a-r") == 1
     section.prepend("X-Top", "1")
     assert section.wire() == b"X-Top: 1\r\n..Odd: 1\r\nSubject: s\r\n\r\n"
+
+
+def _find_end_oracle(data: bytes, start: int = 0) -> tuple[int, int] | None:
+    """find_end spelled out line by line: the specification the one-regex version meets."""
+    import re
+    field_start = re.compile(rb"[!-9;-~]+[ \t]*:")
+    pos = start
+    while pos < len(data):
+        eol = data.find(b"\n", pos)
+        if eol < 0:
+            return None
+        line = data[pos + 1 : eol + 1] if data[pos : pos + 1] == b"." else data[pos : eol + 1]
+        if line == b"\r\n":
+            return pos, eol + 1
+        if not (field_start.match(line) or line[:1] in (b" ", b"\t")):
+            return pos, pos
+        pos = eol + 1
+    return None
+
+
+_LINES = st.sampled_from([
+    b"Subject: hi\r\n", b"X-Pad : 1\r\n", b" folded\r\n", b"\tfolded\r\n", b"..Odd: 1\r\n",
+    b".Dot: 1\r\n", b"\r\n", b".\r\n", b"..\r\n", b"no colon\r\n", b":empty name\r\n",
+    b"Bare: lf\n", b"\n", b"Name\xff: 8bit\r\n", b"Caf\xc3\xa9: x\r\n", b"body line\r\n",
+    b"Partial: no line end", b"X:\r\n", b" \r\n",
+])
+
+
+@given(st.lists(_LINES, max_size=12))
+def test_find_end_reads_lines_as_the_oracle(lines: list[bytes]) -> None:
+    data = b"".join(lines)
+    assert find_end(data) == _find_end_oracle(data)
+    # resumed at a later line start (the stream's chunks), it still agrees
+    starts = [sum(map(len, lines[:i])) for i in range(len(lines))]
+    for start in starts[1:4]:
+        if _find_end_oracle(data[:start]) is None:
+            assert find_end(data, start) == _find_end_oracle(data, start)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["Subject", "From", "X-Tag", "subject"]),
+                          st.text(st.characters(blacklist_categories=("Cs", "Cc")),
+                                  max_size=30),
+                          st.booleans()), max_size=6))
+def test_section_text_holds_every_value_as_written(
+        fields: list[tuple[str, str, bool]]) -> None:
+    wire = b""
+    for name, value, fold in fields:
+        raw = value.encode()
+        if fold and b" " in raw:  # folded at a space: the unfolded value has the space
+            at = raw.index(b" ")
+            raw = raw[:at] + b"\r\n" + raw[at:]
+        wire += name.encode() + b": " + raw + b"\r\n"
+    section = HeaderSection.parse(wire, b"\r\n")
+    text = section.text()
+    for f in section.fields:
+        assert f.value in text
+    assert section.remove("subject") >= 0  # edited: the text comes from the fields left
+    for f in section.fields:
+        assert f.value in section.text()

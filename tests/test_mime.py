@@ -721,3 +721,29 @@ def test_every_name_a_part_gives_is_kept() -> None:
     (part,) = s.attachments
     assert part.filename == "also.pdf"
     assert part.names == ("also.pdf", "fine.pdf", "evil.exe")
+
+
+@pytest.mark.parametrize(("content_type", "disposition_cte", "budget", "settled"), [
+    (None, None, 0, True),  # a plain message, no text wanted: its body tells nothing more
+    ("application/pdf; name=a.pdf", "base64", BIG, True),  # not text: never decoded
+    ("text/plain", None, BIG, False),  # its text is wanted
+    ("multipart/mixed; boundary=b", None, 0, False),  # its parts are in the body
+    ("message/rfc822", None, 0, False),  # so are the enclosed message's
+])
+def test_settled_only_when_the_body_can_add_nothing(
+        content_type: str | None, disposition_cte: str | None, budget: int,
+        settled: bool) -> None:
+    scanner = MimeScanner(content_type, disposition_cte, budget)
+    assert scanner.settled is settled
+    if settled:  # and indeed: fed or not, it ends the same
+        fed = feed(b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b--\r\n", content_type,
+                   disposition_cte, budget, [3, 20])
+        unfed = MimeScanner(content_type, disposition_cte, budget)
+        unfed.close()
+        assert outcome(fed) == outcome(unfed)
+
+
+def test_text_is_one_string_after_close() -> None:
+    scanner = feed(b"abc\r\n" * 100, "text/plain", None, BIG, list(range(0, 500, 7)))
+    assert scanner.text == "abc\r\n" * 100
+    assert scanner.text is scanner.text  # joined once, the pieces let go

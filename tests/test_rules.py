@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relayproxy.headers import HeaderSection
 from relayproxy.policy.rules import Facts, RuleError, RuleSet, Stage, load_rules
@@ -259,3 +261,47 @@ def test_literal_gates_never_skip_a_rule_that_hits(tmp_path: Path) -> None:
     assert kept == {"no-literal"}  # the literal-gated body rules are skipped unread
     kept = {r.name for r in _Plan.of(ruleset.at(Stage.HEADERS)).candidates(facts)}
     assert kept == {"subject", "second-received", "nested", "not"}
+
+
+def _gate_ruleset() -> RuleSet:
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        return _load(Path(folder), r"""
+            [[rule]]
+            name = "subject"
+            match.header.subject = '(?i)(cheap|prize) offer'
+            [[rule]]
+            name = "tag"
+            match.header.x-tag = 'Z(ü|u)rich'
+        """)
+
+
+_GATES = _gate_ruleset()
+
+
+@given(value=st.sampled_from(["cheap offer", "PRIZE Offer", "Zürich", "Zurich", "nothing"]),
+       before=st.text(max_size=8), after=st.text(max_size=8),
+       form=st.sampled_from(["plain", "folded", "encoded", "8bit"]),
+       field=st.sampled_from(["Subject", "X-Tag", "subject"]))
+def test_header_gates_never_skip_a_hit(value: str, before: str, after: str, form: str,
+                                       field: str) -> None:
+    """The header prefilter looks through the section text (and decoded values when some
+    hold encoded-words): whatever the form a value takes, a rule that hits is kept."""
+    from email.header import Header
+
+    from relayproxy.policy.engine import _Plan
+
+    text = before + value + after
+    if form == "encoded":
+        raw = Header(text, "utf-8").encode().encode()
+    elif form == "folded":
+        raw = text.replace(" ", "\r\n ", 1).encode()
+    else:
+        raw = text.encode("utf-8" if form == "8bit" else "ascii", "replace")
+    if b"\n" in raw.replace(b"\r\n ", b"") or b"\r" in raw.replace(b"\r\n ", b""):
+        return  # a line break of the test's own making, not a field
+    headers = HeaderSection.parse(field.encode() + b": " + raw + b"\r\n", b"\r\n")
+    rules = _GATES.at(Stage.HEADERS)
+    kept = {r.name for r in _Plan.of(rules).candidates(_facts(headers=headers))}
+    hits = {r.name for r in rules if r.test(_facts(headers=headers))}
+    assert hits <= kept
