@@ -557,6 +557,7 @@ class RulesCheck(Check):
         facts = await self._stage_facts(session, s, Stage.DATA)
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
+        facts.scans = envelope.facts  # the scanners' results: their observers ended first
         if mime is not None:
             mime.close()
             facts.body = mime.text
