@@ -283,7 +283,9 @@ def _written_forms(data: dict[str, Any], group: str = "") -> dict[str, Any]:
                 raise ConfigError(f"{name}: expected a table, got {table!r}")
             result[name] = _written_forms(table, name)
             continue
-        keys = _KEYS.get(f"{group}.{name}" if group else name)
+        # a group's tables only inside it: a quoted ["scanners.clamd"] is no section
+        keys = _KEYS.get(f"{group}.{name}") if group else (
+            None if "." in name else _KEYS.get(name))
         if group:
             name = f"{group}.{name}"
         if keys is None:

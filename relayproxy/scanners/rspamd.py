@@ -36,6 +36,8 @@ from ..policy.verdict import Verdict
 from .base import ScanError, ScannerCheck, ScanObserver, ScanResult, header_field
 
 log = logging.getLogger("relayproxy.scanners")
+# httpx logs each request at INFO: one line per message, next to the transaction's own
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 _VERDICTS = {"no action": "clean", "reject": "reject", "soft reject": "tempfail",
              "greylist": "tempfail", "add header": "add_header",
