@@ -70,8 +70,9 @@ class Rspamd(ScannerCheck):
         headers = [(b"IP", value(session.client_ip)), (b"Queue-Id", value(session.session_id))]
         if session.helo:
             headers.append((b"Helo", value(session.helo)))
-        if session.client_name:
-            headers.append((b"Hostname", value(session.client_name)))
+        if session.client_name is not None:
+            # "unknown": looked up, no name (as Postfix tells milters); absent: not looked up
+            headers.append((b"Hostname", value(session.client_name or "unknown")))
         headers.append((b"From", value(envelope.sender)))
         headers += [(b"Rcpt", value(r)) for r in envelope.recipients]
         return headers
@@ -160,6 +161,8 @@ class _Request(ScanObserver):
     def _drain_queue(self, task: asyncio.Task[dict[str, Any]]) -> None:
         while not self.queue.empty():
             self.queue.get_nowait()
+        if not task.cancelled():
+            task.exception()  # seen here: a failure is reported once, by end()
 
     def _raise_if_done(self, task: asyncio.Task[dict[str, Any]]) -> None:
         if task.done():

@@ -135,7 +135,9 @@ class Spamd(Daemon):
 class Rspamd(Daemon):
     name = "rspamd"
 
-    def __init__(self) -> None:
+    def __init__(self, actions: str = "") -> None:
+        """actions: the body of local.d/actions.conf (the benchmark moves every threshold out
+        of reach, so that rspamd scans each message in full and refuses none)."""
         super().__init__()
         self.controller_port = free_port()
         local = _make_dir(self.dir / "local.d")
@@ -154,6 +156,8 @@ class Rspamd(Daemon):
             "skip_local = false;\nskip_authenticated = false;\n")
         (local / "options.inc").write_text("dns { nameserver = [\"127.0.0.1:1\"]; }\n")
         (local / "redis.conf").write_text("")
+        if actions:
+            (local / "actions.conf").write_text(actions)
 
     def command(self) -> list[str]:
         return [RSPAMD, "-f", "-u", "nobody", "-g", "nogroup", "-c", "/etc/rspamd/rspamd.conf",
