@@ -3,9 +3,10 @@
 The envelope and the client go as request headers (IP, Helo, Hostname, From, Rcpt per
 recipient, Queue-Id, User-Agent); the message follows as it arrives (rspamd 3.4 takes a chunked
 body), through a queue of two parts that a slow rspamd fills: the client then waits.
-Connections are kept alive and reused (httpx's pool). Past scanners.rspamd.max_bytes the
-request is abandoned and the message is not scanned (logged and counted; rspamd's own
-max_message, 50 MiB by default, must not be lower).
+Connections are kept alive and reused (httpx's pool) where the server allows it: rspamd 3.4's
+normal worker answers "Connection: close" every time, so there each message connects. Past
+scanners.rspamd.max_bytes the request is abandoned and the message is not scanned (logged and
+counted; rspamd's own max_message, 50 MiB by default, must not be lower).
 
 Actions become replies: reject -> 550 5.7.1 with rspamd's SMTP message; soft reject and
 greylist -> 451 4.7.1; add header -> X-Spam: Yes and X-Spam-Score; rewrite subject -> the
