@@ -70,14 +70,24 @@ def address_of(address: str, key: str) -> HostPort | str:
     return address if address.startswith("/") else parse_hostport(address, key)
 
 
+# Octets buffered towards a scanner before a write waits for it (asyncio's default, 64 KiB, is
+# one body batch: every batch would wait for the scanner to read it before going downstream)
+WRITE_HIGH_WATER = 256 * 1024
+
+
 async def open_stream(address: HostPort | str
                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     try:
         if isinstance(address, str):
-            return await asyncio.open_unix_connection(address)
-        return await asyncio.open_connection(address.host, address.port)
+            reader, writer = await asyncio.open_unix_connection(address)
+        else:
+            reader, writer = await asyncio.open_connection(address.host, address.port)
     except OSError as exc:
         raise ScanError("connect", f"cannot connect to {address}: {exc}") from None
+    transport = writer.transport
+    if isinstance(transport, asyncio.WriteTransport):
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+    return reader, writer
 
 
 def close_writer(writer: asyncio.StreamWriter | None) -> None:
