@@ -10,6 +10,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -312,3 +313,56 @@ def test_stalled_clamd_slows_the_client_with_flat_rss(
     assert clamd.received > total
     (line,) = proxy.wait_for_transactions(1)
     assert line["clamd"] == "clean", line
+
+
+def test_rspamd_over_max_bytes_is_not_scanned_logged_and_counted(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory,
+    fake_rspamd: Callable[..., FakeRspamd]
+) -> None:
+    fake = fake_rspamd(answer("reject"))
+    server = scripted()
+    proxy = rspamd_proxy(proxy_factory, server.port, fake, max_bytes=1000)
+    assert send(proxy, MESSAGE + (b"z" * 70 + b"\r\n") * 40).code == 250  # not scanned
+    (line,) = proxy.wait_for_transactions(1)
+    assert (line["rspamd"], line["rspamd_error"]) == ("skipped", "too_big"), line
+    assert proxy.metric("relayproxy_scanner_errors_total",
+                        {"scanner": "rspamd", "kind": "too_big"}) == 1
+    proxy.wait_for_log("over scanners.rspamd.max_bytes (1000)")
+    assert server.wait_for_messages(1)
+    assert fake.requests == []  # abandoned before a request was made
+
+
+class UnixClamd:
+    """clamd on a unix socket: reads one INSTREAM and answers `answer`."""
+
+    def __init__(self, path: str, answer: bytes) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.answer = answer
+        self.received = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            stream = conn.makefile("rb")
+            assert stream.read(10) == b"zINSTREAM\0"
+            while size := struct.unpack(">I", stream.read(4))[0]:
+                self.received += stream.read(size)
+            conn.sendall(self.answer)
+
+
+def test_clamd_on_a_unix_socket(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "clamd.sock")
+    clamd = UnixClamd(path, b"stream: Win.Test.EICAR_HDB-1 FOUND\0")
+    server = scripted()
+    proxy = proxy_factory(base_config(server.port, scanners={"clamd": {"address": path}}))
+    reply = send(proxy, MESSAGE)
+    assert (reply.code, reply.enhanced, reply.text) == (
+        554, "5.7.1", "5.7.1 Virus found: Win.Test.EICAR_HDB-1"), reply
+    assert clamd.received == MESSAGE  # the header section first, as the client sent it
+    assert server.messages == []
