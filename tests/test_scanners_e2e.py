@@ -362,3 +362,20 @@ def test_test_message_runs_the_scanners(
     out = json.loads(result.stdout)
     assert out["reply"].startswith("550 5.7.1"), out
     assert (out["scanners"]["rspamd"], out["scanners"]["spamd"]) == ("reject", "spam"), out
+
+
+def test_test_message_tempfails_when_a_scanner_is_down(tmp_path: Path) -> None:
+    config = tmp_path / "relayproxy.toml"
+    config.write_text(toml_dumps({
+        "server": {"reverse_dns": False, "hostname": "proxy.test",
+                   "accept_domains": ["relay.test"]},
+        "scanners": {"spamd": {"address": f"{LOOPBACK}:{free_port()}", "timeout": 2}}}))
+    eml = tmp_path / "clean.eml"
+    eml.write_bytes(message())
+    result = run_cli("test-message", "-c", str(config), "--client-ip", "192.0.2.7", "--helo",
+                     "mx.example.net", "--from", "s@example.org", "--to", "alice@relay.test",
+                     "--json", str(eml), timeout=30)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    out = json.loads(result.stdout)
+    assert out["reply"].startswith("451 4.7.1 Temporary failure in content scanning (spamd)"), out
+    assert (out["scanners"]["spamd"], out["scanners"]["spamd_error"]) == ("error", "connect")
