@@ -19,6 +19,7 @@ from support.procstat import RssPeak
 from support.proxy import ProxyProcess, base_config
 from support.scripted import ScriptedDownstream
 from support.smtpclient import RawSMTP, Reply, data_payload
+from support.wait import wait_until
 
 ProxyFactory = Callable[..., ProxyProcess]
 ScriptedFactory = Callable[..., ScriptedDownstream]
@@ -366,3 +367,27 @@ def test_clamd_on_a_unix_socket(
         554, "5.7.1", "5.7.1 Virus found: Win.Test.EICAR_HDB-1"), reply
     assert clamd.received == MESSAGE  # the header section first, as the client sent it
     assert server.messages == []
+
+
+def test_scanners_come_and_go_with_a_reload(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory,
+    fake_rspamd: Callable[..., FakeRspamd]
+) -> None:
+    fake = fake_rspamd(answer("reject", messages={"smtp_message": "No thanks"}))
+    server = scripted()
+    config = base_config(server.port)
+    proxy = proxy_factory(config)
+    assert send(proxy, MESSAGE).code == 250
+
+    def reloaded(n: int) -> None:
+        wait_until(lambda: proxy.metric("relayproxy_config_reloads_total",
+                                        {"result": "ok"}) == n, f"reload {n}", 10)
+
+    proxy.reload({**config, "scanners": {"rspamd": {"url": f"http://{LOOPBACK}:{fake.port}"}}})
+    reloaded(1)
+    assert send(proxy, MESSAGE).text == "5.7.1 No thanks"
+    proxy.reload(config)
+    reloaded(2)
+    assert send(proxy, MESSAGE).code == 250
+    assert len(fake.requests) == 1
+    assert len(server.wait_for_messages(2)) == 2
