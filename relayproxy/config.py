@@ -157,6 +157,47 @@ class StateConfig:
     down_time: NonNegative = 2.0
 
 
+OnError = Literal["tempfail", "accept"]
+# a TCP host:port, or the path of a unix socket (starting with "/"); "" leaves it off
+ScannerAddress = Annotated[str, msgspec.Meta(
+    pattern=r"\A(|/\S+|\S+:\d+)\Z", description='host:port, a socket path, or "" for off')]
+
+
+@dataclass(frozen=True, slots=True)
+class ClamdConfig:
+    address: ScannerAddress = ""
+    timeout: Seconds = 30.0
+    on_error: OnError = "tempfail"
+    max_bytes: Positive = 26_214_400  # within clamd's StreamMaxLength (25M by default)
+
+
+@dataclass(frozen=True, slots=True)
+class RspamdConfig:
+    url: Annotated[str, msgspec.Meta(pattern=r"\A(|https?://\S+)\Z",
+                                     description='an http:// URL, or "" for off')] = ""
+    timeout: Seconds = 30.0
+    on_error: OnError = "tempfail"
+    max_bytes: Positive = 52_428_800  # rspamd's own max_message: 50 MiB
+
+
+@dataclass(frozen=True, slots=True)
+class SpamdConfig:
+    address: ScannerAddress = ""
+    timeout: Seconds = 30.0
+    on_error: OnError = "tempfail"
+    max_bytes: Positive = 512_000  # spamc's default (-s 500 KB)
+    action: Literal["reject", "tag"] = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class ScannersConfig:
+    """[scanners.clamd], [scanners.rspamd], [scanners.spamd]: tables of tables."""
+
+    clamd: ClamdConfig = field(default_factory=ClamdConfig)
+    rspamd: RspamdConfig = field(default_factory=RspamdConfig)
+    spamd: SpamdConfig = field(default_factory=SpamdConfig)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -168,6 +209,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
+    scanners: ScannersConfig = field(default_factory=ScannersConfig)
     # the folder of the file it was read from: rule files are relative to it
     base_dir: str = field(default=".", compare=False)
 
@@ -209,10 +251,19 @@ def _key_types(cls: type[Any]) -> dict[str, tuple[Any, msgspec.Meta]]:
     return result
 
 
-# Read off the dataclasses: the sections of Config, and each section's keys.
-_SECTIONS: dict[str, type[Any]] = {
-    name: hint for name, hint in get_type_hints(Config).items()
-    if isinstance(hint, type) and is_dataclass(hint)}
+# Read off the dataclasses: the sections of Config, and each section's keys. A section whose
+# keys are all tables ([scanners]) is a group: its tables are sections named "group.table".
+_SECTIONS: dict[str, type[Any]] = {}
+_GROUPS: set[str] = set()
+for _name, _hint in get_type_hints(Config).items():
+    if not (isinstance(_hint, type) and is_dataclass(_hint)):
+        continue
+    _subs = get_type_hints(_hint)
+    if _subs and all(isinstance(t, type) and is_dataclass(t) for t in _subs.values()):
+        _GROUPS.add(_name)
+        _SECTIONS.update({f"{_name}.{sub}": t for sub, t in _subs.items()})
+    else:
+        _SECTIONS[_name] = _hint
 _KEYS = {name: _key_types(cls) for name, cls in _SECTIONS.items()}
 _KINDS: dict[Any, str] = {int: "an integer", float: "a number", str: "a string",
                           bool: "true or false"}
@@ -246,13 +297,24 @@ def _written_form(value: Any, key: str, kind: Any, meta: msgspec.Meta) -> Any:
     raise ConfigError(f"{key}: expected {_expected(kind, meta)}, got {value!r}")
 
 
-def _written_forms(data: dict[str, Any]) -> dict[str, Any]:
+def _written_forms(data: dict[str, Any], group: str = "") -> dict[str, Any]:
     # msgspec takes unknown keys silently when decoding into a dataclass: they are checked here
     result = {}
     for name, table in data.items():
-        keys = _KEYS.get(name)
+        if not group and name in _GROUPS:
+            if not isinstance(table, dict):
+                raise ConfigError(f"{name}: expected a table, got {table!r}")
+            result[name] = _written_forms(table, name)
+            continue
+        # a group's tables only inside it: a quoted ["scanners.clamd"] is no section
+        keys = _KEYS.get(f"{group}.{name}") if group else (
+            None if "." in name else _KEYS.get(name))
+        if group:
+            name = f"{group}.{name}"
         if keys is None:
-            raise ConfigError(f"{name}: unknown section (known: {', '.join(_KEYS)})")
+            known = [k for k in _KEYS if k.startswith(f"{group}.")] if group else [
+                *(k for k in _KEYS if "." not in k), *_GROUPS]
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(known)})")
         if not isinstance(table, dict):
             raise ConfigError(f"{name}: expected a table, got {table!r}")
         unknown = next((key for key in table if key not in keys), None)
@@ -260,15 +322,19 @@ def _written_forms(data: dict[str, Any]) -> dict[str, Any]:
             close = difflib.get_close_matches(unknown, keys, n=1)
             raise ConfigError(f"{name}.{unknown}: unknown key"
                               + (f" (did you mean {close[0]}?)" if close else ""))
-        result[name] = {key: _written_form(value, f"{name}.{key}", *keys[key])
-                        for key, value in table.items()}
+        result[name.rpartition(".")[2]] = {
+            key: _written_form(value, f"{name}.{key}", *keys[key]) for key, value in table.items()}
     return result
 
 
 def _config_error(exc: msgspec.ValidationError, data: dict[str, Any]) -> ConfigError:
     # "... - at `$.server.listen[0]`" is about the key server.listen: show it as written
     where = str(exc).rpartition(" - at `$.")[2]
-    section, key = where.rstrip("`").split("[")[0].split(".")[:2]
+    parts = where.rstrip("`").split("[")[0].split(".")
+    if parts[0] in _GROUPS:  # [scanners.clamd] timeout: the section is "scanners.clamd"
+        parts = [f"{parts[0]}.{parts[1]}", *parts[2:]]
+        data = {parts[0]: data[parts[0].split(".")[0]][parts[0].split(".")[1]]}
+    section, key = parts[:2]
     expected = _expected(*_KEYS[section][key])
     return ConfigError(f"{section}.{key}: expected {expected}, got {data[section][key]!r}")
 
@@ -360,7 +426,8 @@ def with_overrides(
 
 
 def defaults_table() -> dict[str, dict[str, Any]]:
-    """The default value of every key, for documentation and tests."""
+    """The default value of every key, for documentation and tests (a group's tables as
+    "group.table", e.g. "scanners.clamd")."""
     result: dict[str, dict[str, Any]] = {}
     for name, cls in _SECTIONS.items():
         instance = cls()

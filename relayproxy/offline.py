@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 from . import dns as rdns
+from . import metrics
 from .checks import Envelope, MessageInfo, Pipeline, SessionInfo
 from .config import Config, StateConfig
 from .dotreader import Unstuffer, stuff
@@ -34,6 +35,8 @@ class Result:
     rules: list[Evaluation] = field(default_factory=list)
     recipients: dict[str, str] = field(default_factory=dict)  # address -> reply
     added_headers: list[str] = field(default_factory=list)
+    # the content scanners' results as on the transaction log line (clamd=..., rspamd_score=..)
+    scanners: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "rules": [asdict(r) for r in self.rules]}, indent=2)
@@ -47,6 +50,7 @@ class Result:
         for address, reply in self.recipients.items():
             lines.append(f"RCPT <{address}>: {reply}")
         lines += [f"added header: {h}" for h in self.added_headers]
+        lines += [f"scanner {k}: {v}" for k, v in self.scanners.items()]
         lines.append(f"score: {self.score:g}")
         lines.append(f"verdict: {self.verdict} at {self.stage}: {self.reply}")
         return "\n".join(lines)
@@ -120,15 +124,20 @@ async def _data(pipeline: Pipeline, session: SessionInfo, envelope: Envelope,
         for offset in range(0, len(body), CHUNK):
             for watch in observers:
                 await watch.observer.feed(body[offset : offset + CHUNK])
-        for watch in observers:
-            verdict = verdict or await watch.observer.end(info)
+        # every observer ends (a scanner answers and closes its connection), the first
+        # refusal counts
+        ends = [await watch.observer.end(info) for watch in observers]
+        verdict = next((v for v in ends if v is not None), None)
         verdict = verdict or await pipeline.data_end(session, envelope, info)
     reply = for_verdict(verdict) if verdict else Reply(250, "2.0.0", "Ok (not delivered: "
                                                        "test-message has no downstream)")
     score = float(envelope.log_fields.get("score", 0))
     added = [h.decode("utf-8", "replace").rstrip("\r\n") for h in headers.prepended]
+    scanners = {k: v for k, v in envelope.log_fields.items()
+                if k.partition("_")[0] in metrics.SCANNERS}
     return Result(_verdict_word(reply), str(reply), "data", score,
-                  rules.trace_of(session) if rules else [], added_headers=added)
+                  rules.trace_of(session) if rules else [], added_headers=added,
+                  scanners=scanners)
 
 
 def run_sync(config: Config, client_ip: str, helo: str, sender: str,

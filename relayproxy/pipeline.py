@@ -1,8 +1,8 @@
 """The checks of one configuration, in order: built-in limits, rate limits and rules, plugins.
 
 The built-in limits come first (cheapest, and decisive), then the rate limits and the rules
-engine of the rule files (rules.files), then the checks the configuration loads by name
-(`plugins.checks`, "package.module:Class"), in the order given.
+engine of the rule files (rules.files), the content scanners ([scanners.*]), then the checks
+the configuration loads by name (`plugins.checks`, "package.module:Class"), in the order given.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .policy.limits import Limit, Limits
 from .policy.recipients import Greylist, RecipientCache
 from .policy.rules import RuleError, load_rules
 from .policy.state import Store
+from .scanners import scanner_checks
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,10 @@ def build_pipeline(config: Config, services: Services, trace: bool = False) -> P
             MessageSize(server.max_message_size),
             MessageFormat(),
             *policy_checks(config, services, trace),
+            # after the rules: the rules' header edits are part of what they scan, and their
+            # results are in Envelope.facts for the rules at the end of data (observers end
+            # before the end-of-data checks)
+            *scanner_checks(config.scanners),
             *(load_check(spec) for spec in config.plugins.checks),
         ],
         # past this a check's silence is its failure (451 4.3.0); the rules engine itself

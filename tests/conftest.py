@@ -15,6 +15,7 @@ from support.ports import LOOPBACK
 from support.postfix import POSTFIX, PostfixInstance
 from support.proxy import ProxyProcess
 from support.redisd import REDIS_SERVER, RedisServer
+from support.scanners import CLAMD, RSPAMD, SPAMD, Clamd, Daemon, Rspamd, Spamd
 from support.scripted import ScriptedDownstream
 from support.sink import CountingSink
 
@@ -176,3 +177,45 @@ def counting_sink() -> Iterator[CountingSink]:
     yield sink
     sink.stop()
 
+
+# ---------------------------------------------------------------------- content scanners
+
+
+@pytest.fixture(scope="session")
+def scanner_daemons() -> Iterator[dict[str, Daemon]]:
+    """clamd, spamd and rspamd, each a private instance on loopback, started together once
+    per session (rspamd takes ~20 s to come up on 2 cores). A daemon whose package is not
+    installed is left out: its tests skip (tests/run.sh installs the packages)."""
+    daemons: dict[str, Daemon] = {}
+    for name, binary, cls in (("clamd", CLAMD, Clamd), ("spamd", SPAMD, Spamd),
+                              ("rspamd", RSPAMD, Rspamd)):
+        if Path(binary).exists():
+            daemons[name] = cls().start()
+    try:
+        yield daemons
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+
+
+def _scanner(daemons: dict[str, Daemon], name: str, request: pytest.FixtureRequest) -> Daemon:
+    daemon = daemons.get(name)
+    if daemon is None:
+        pytest.skip(f"{name} is not installed (Debian package: tests/run.sh installs it)")
+    _add_log_source(request, f"{name} log (tail)", daemon.log_tail)
+    return daemon.wait_ready()
+
+
+@pytest.fixture
+def clamd(scanner_daemons: dict[str, Daemon], request: pytest.FixtureRequest) -> Daemon:
+    return _scanner(scanner_daemons, "clamd", request)
+
+
+@pytest.fixture
+def spamd(scanner_daemons: dict[str, Daemon], request: pytest.FixtureRequest) -> Daemon:
+    return _scanner(scanner_daemons, "spamd", request)
+
+
+@pytest.fixture
+def rspamd(scanner_daemons: dict[str, Daemon], request: pytest.FixtureRequest) -> Daemon:
+    return _scanner(scanner_daemons, "rspamd", request)

@@ -3,6 +3,7 @@
 #   - Debian packages: postfix (the real downstream, and smtp-sink/smtp-source for the
 #     benchmark), dnsmasq-base (the tests' own DNS server), openssl (test certificates), swaks,
 #     prometheus (promtool for deploy/prometheus and deploy/grafana, and a live scrape)
+#     clamav-daemon, spamd and rspamd (the content scanners)
 #   - a virtualenv .venv with relayproxy and its test dependencies
 # Usage: bash tests/run.sh [pytest args...]
 set -euo pipefail
@@ -18,6 +19,10 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v swaks >/dev/null || need+=(swaks)
 # promtool (alerting rules, dashboard queries) and prometheus (scrapes a live proxy)
 command -v promtool >/dev/null || need+=(prometheus)
+# content scanners, run by the tests as private daemons on loopback (none starts by itself)
+[ -x /usr/sbin/clamd ] || need+=(clamav-daemon)
+[ -x /usr/sbin/spamd ] || need+=(spamd)
+[ -x /usr/bin/rspamd ] || need+=(rspamd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "tests/run.sh: missing ${need[*]}; run as root (apt-get) or install them" >&2

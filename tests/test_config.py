@@ -127,7 +127,8 @@ def _readme_rows() -> list[str]:
 
 
 # A config reference row starts with the key: | `section.key` | default | meaning |
-_KEY_CELL = re.compile(r"^`?([a-z_]+)\.([a-z_]+)`?$")
+# (a table of a group: | `scanners.clamd.key` |, section "scanners.clamd")
+_KEY_CELL = re.compile(r"^`?([a-z_]+(?:\.[a-z_]+)?)\.([a-z_]+)`?$")
 
 
 def _first_cell_key(row: str) -> tuple[str, str] | None:
@@ -320,7 +321,10 @@ def test_every_key_names_itself_when_given_a_table() -> None:
     # No key takes a table, so each must refuse one in words of its own (no msgspec wording).
     for section, keys in rpconfig.defaults_table().items():
         for key in keys:
-            message = _error({section: {key: {"x": 1}}})
+            # a group's table ("scanners.clamd") is written nested, as TOML reads [a.b]
+            group, _, table = section.rpartition(".")
+            data = {group: {table: {key: {"x": 1}}}} if group else {section: {key: {"x": 1}}}
+            message = _error(data)
             assert message.startswith(f"{section}.{key}: expected "), message
             assert message.endswith(", got {'x': 1}") and "`" not in message, message
 

@@ -574,6 +574,7 @@ class RulesCheck(Check):
             await self._wait(session, s, Stage.DATA, facts)
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
+        facts.scans = envelope.facts  # the scanners' results: their observers ended first
         if mime is not None:
             mime.close()
             facts.body = mime.text

@@ -18,7 +18,7 @@ import glob
 import ipaddress
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -81,6 +81,9 @@ class Match(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     attachment_name: str | None = None
     attachment_type: str | None = None
     dnsbl: str | DnsblSpec | None = None
+    rspamd_score_over: float | None = None
+    rspamd_symbol: str | list[str] | None = None
+    spamd_score_over: float | None = None
     any: list[Match] | None = None
     not_: Match | None = msgspec.field(name="not", default=None)
 
@@ -131,6 +134,9 @@ class Facts:
     part_types: Sequence[str] = ()
     _folded: str | None = None
     body_seen: dict[str, bool] = field(default_factory=dict)  # literals found in the body
+    # the transaction's Envelope.facts: the content scanners' results (ScanResult, by
+    # relayproxy.scanners.result_key), known at the end of data
+    scans: Mapping[str, Any] = field(default_factory=dict)
 
     def folded_body(self) -> str:
         """The body case-folded once, for every body rule's prefilter."""
@@ -253,6 +259,29 @@ def _helo_literal(helo: str) -> str | None:
 
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _LDH = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)+[a-z]([a-z0-9-]{{0,61}}[a-z0-9])?$", re.I)
+
+
+def _scan_result(f: Facts, scanner: str) -> Any:
+    """The scanner's result when it scanned the message (else None: unknown, as a DNS error
+    is; its on_error already decided whether the message goes on)."""
+    result = f.scans.get(f"scanner.{scanner}")  # relayproxy.scanners.result_key
+    return result if result is not None and result.score is not None else None
+
+
+def _score_over(scanner: str, limit: float) -> Test:
+    def test(f: Facts) -> Tri:
+        result = _scan_result(f, scanner)
+        return None if result is None else bool(result.score > limit)
+
+    return test
+
+
+def _symbol_test(names: frozenset[str]) -> Test:
+    def test(f: Facts) -> Tri:
+        result = _scan_result(f, "rspamd")
+        return None if result is None else any(s in names for s in result.symbols)
+
+    return test
 
 
 def _header_test(lname: str, rx: Regex) -> Test:
@@ -392,6 +421,12 @@ class _Builder:
                 raise RuleError(f"{self.key(prefix + 'dnsbl')}: {exc}") from None
             # keyed by the zone with its codes: two rules may read one zone's answers differently
             add("dnsbl", Stage.CONNECT, lambda f: f.dnsbl.get(zone), dnsbl=(zone,))
+        for scanner, over in (("rspamd", m.rspamd_score_over),
+                              ("spamd", m.spamd_score_over)):
+            if over is not None:
+                add(f"{scanner}_score_over", Stage.DATA, _score_over(scanner, over))
+        if m.rspamd_symbol is not None:
+            add("rspamd_symbol", Stage.DATA, _symbol_test(frozenset(_as_list(m.rspamd_symbol))))
         tests = [c.test for c in found]
         if m.any is not None:
             branches = [self.compile(sub, f"{prefix}any[{i}].") for i, sub in enumerate(m.any)]

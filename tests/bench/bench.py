@@ -19,13 +19,16 @@ to --out.
 Hidden option ``--proxy-cmd 'CMD'`` replaces the relayproxy command line (e.g. to benchmark
 /work/shared/bench/ref_proxy.py as a stand-in). CMD is split with shlex and started without a
 shell, so the sampled PID is the proxy itself. Placeholders: {port} {sink_host} {sink_port}
-{config} {config_observer} {config_rules} {python}.
+{config} {config_observer} {config_rules} {config_scanners} {python}.
 
 ``--variant NAME=CMD`` (repeatable) adds another proxy to the same run, e.g. an older checkout
 or the proxy with a no-op body observer ({config_observer}: the generated config plus
 ``[plugins] checks = ["tests.bench.noop_observer:NoopObserver"]``), or with rules
 ({config_rules}: rules/default.toml plus 50 generated regex rules over header fields and the
-body, none of which matches the benchmark's messages). Every variant listens on its
+body, none of which matches the benchmark's messages), or with content scanners
+({config_scanners}: the generated config plus the TOML of --scanners FILE, e.g. the
+[scanners.clamd] and [scanners.rspamd] tables that tests/bench/scanners.py serve writes).
+Every variant listens on its
 own port, is measured interleaved with direct and the default proxy in every rep, and is
 reported with its ratio against direct and against --ratio-base (default: the default proxy).
 """
@@ -359,6 +362,10 @@ class Proxy:
         self.config_rules.write_text(proxy_toml(
             self.port, sink_port, rules=(str(PROJECT_ROOT / "rules" / "default.toml"),
                                          str(generated))))
+        # {config_scanners}: the same config plus the [scanners.*] tables of --scanners FILE
+        self.config_scanners = workdir / f"{stem}-scanners.toml"
+        self.config_scanners.write_text(proxy_toml(self.port, sink_port) + "\n" + (
+            Path(args.scanners).read_text() if args.scanners else ""))
         self.log = workdir / ("proxy.log" if name == "proxy" else f"proxy-{name}.log")
         if cmd:
             self.argv = shlex.split(
@@ -369,6 +376,7 @@ class Proxy:
                     config=self.config,
                     config_observer=self.config_observer,
                     config_rules=self.config_rules,
+                    config_scanners=self.config_scanners,
                     python=args.python,
                 )
             )
@@ -858,7 +866,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=CMD",
         help="another proxy command measured in the same run, repeatable; placeholders as for "
         "the proxy: {port} {sink_host} {sink_port} {config} {config_observer} {config_rules} "
-        "{python}",
+        "{config_scanners} {python}",
+    )
+    ap.add_argument(
+        "--scanners",
+        default="",
+        metavar="FILE",
+        help="TOML with [scanners.*] tables that {config_scanners} adds to the generated config",
     )
     ap.add_argument(
         "--ratio-base",
