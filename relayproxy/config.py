@@ -135,6 +135,55 @@ class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+AuthAction = Literal["reject", "tempfail", "tag", "ignore"]
+Networks = Annotated[tuple[str, ...], msgspec.Meta(
+    description="a list of IP addresses or networks")]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSPFConfig:
+    enabled: bool = True
+    fail: AuthAction = "reject"
+    softfail: AuthAction = "ignore"
+    neutral: AuthAction = "ignore"
+    none: AuthAction = "ignore"
+    permerror: AuthAction = "ignore"
+    temperror: AuthAction = "tempfail"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthDKIMConfig:
+    enabled: bool = True
+    max_signatures: Positive = 5
+    min_key_bits: Positive = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AuthDMARCConfig:
+    enabled: bool = True
+    reject: AuthAction = "reject"
+    quarantine: AuthAction = "tag"
+    temperror: AuthAction = "tempfail"
+    trusted_forwarders: Networks = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthARCConfig:
+    enabled: bool = True
+    trusted_sealers: Strings = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    enabled: bool = False
+    timeout: Seconds = 10.0
+    tag_header: HostName = "X-Relayproxy-Auth-Warning"
+    spf: AuthSPFConfig = field(default_factory=AuthSPFConfig)
+    dkim: AuthDKIMConfig = field(default_factory=AuthDKIMConfig)
+    dmarc: AuthDMARCConfig = field(default_factory=AuthDMARCConfig)
+    arc: AuthARCConfig = field(default_factory=AuthARCConfig)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -145,6 +194,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     # the folder of the file it was read from: rule files are relative to it
     base_dir: str = field(default=".", compare=False)
 
@@ -186,11 +236,22 @@ def _key_types(cls: type[Any]) -> dict[str, tuple[Any, msgspec.Meta]]:
     return result
 
 
+def _sections(cls: type[Any], prefix: str = "") -> dict[str, type[Any]]:
+    """The sections of cls by dotted name: a section's dataclass-typed keys are subsections
+    (TOML's [auth.spf] is the table spf inside the table auth)."""
+    found: dict[str, type[Any]] = {}
+    for name, hint in get_type_hints(cls).items():
+        if isinstance(hint, type) and is_dataclass(hint):
+            found[prefix + name] = hint
+            found.update(_sections(hint, f"{prefix}{name}."))
+    return found
+
+
 # Read off the dataclasses: the sections of Config, and each section's keys.
-_SECTIONS: dict[str, type[Any]] = {
-    name: hint for name, hint in get_type_hints(Config).items()
-    if isinstance(hint, type) and is_dataclass(hint)}
-_KEYS = {name: _key_types(cls) for name, cls in _SECTIONS.items()}
+_SECTIONS: dict[str, type[Any]] = _sections(Config)
+_KEYS = {name: {key: kind for key, kind in _key_types(cls).items()
+                if f"{name}.{key}" not in _SECTIONS}
+         for name, cls in _SECTIONS.items()}
 _KINDS: dict[Any, str] = {int: "an integer", float: "a number", str: "a string",
                           bool: "true or false"}
 
@@ -223,31 +284,45 @@ def _written_form(value: Any, key: str, kind: Any, meta: msgspec.Meta) -> Any:
     raise ConfigError(f"{key}: expected {_expected(kind, meta)}, got {value!r}")
 
 
-def _written_forms(data: dict[str, Any]) -> dict[str, Any]:
+def _written_forms(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     # msgspec takes unknown keys silently when decoding into a dataclass: they are checked here
     result = {}
     for name, table in data.items():
-        keys = _KEYS.get(name)
+        section = prefix + name
+        keys = _KEYS.get(section)
         if keys is None:
-            raise ConfigError(f"{name}: unknown section (known: {', '.join(_KEYS)})")
+            known = ", ".join(k for k in _KEYS if k.count(".") == prefix.count("."))
+            raise ConfigError(f"{section}: unknown section (known: {known})")
         if not isinstance(table, dict):
-            raise ConfigError(f"{name}: expected a table, got {table!r}")
-        unknown = next((key for key in table if key not in keys), None)
+            raise ConfigError(f"{section}: expected a table, got {table!r}")
+        subsections = {key: value for key, value in table.items()
+                       if f"{section}.{key}" in _SECTIONS}
+        unknown = next((key for key in table if key not in keys and key not in subsections),
+                       None)
         if unknown is not None:
             close = difflib.get_close_matches(unknown, keys, n=1)
-            raise ConfigError(f"{name}.{unknown}: unknown key"
+            raise ConfigError(f"{section}.{unknown}: unknown key"
                               + (f" (did you mean {close[0]}?)" if close else ""))
-        result[name] = {key: _written_form(value, f"{name}.{key}", *keys[key])
-                        for key, value in table.items()}
+        result[name] = {key: _written_form(value, f"{section}.{key}", *keys[key])
+                        for key, value in table.items() if key not in subsections}
+        result[name].update(_written_forms(subsections, f"{section}."))
     return result
 
 
 def _config_error(exc: msgspec.ValidationError, data: dict[str, Any]) -> ConfigError:
     # "... - at `$.server.listen[0]`" is about the key server.listen: show it as written
     where = str(exc).rpartition(" - at `$.")[2]
-    section, key = where.rstrip("`").split("[")[0].split(".")[:2]
+    *path, key = where.rstrip("`").split("[")[0].split(".")
+    section = ".".join(path)
+    while section not in _KEYS or key not in _KEYS[section]:
+        # a path into a key's value ($.auth.spf.fail): the key is the last known prefix
+        path, key = path[:-1], path[-1]
+        section = ".".join(path)
+    table: Any = data
+    for part in path:
+        table = table[part]
     expected = _expected(*_KEYS[section][key])
-    return ConfigError(f"{section}.{key}: expected {expected}, got {data[section][key]!r}")
+    return ConfigError(f"{section}.{key}: expected {expected}, got {table[key]!r}")
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -259,7 +334,18 @@ def from_dict(data: dict[str, Any]) -> Config:
     accept = _domains(server.accept_domains, "server.accept_domains")
     config = replace(config, server=replace(server, accept_domains=accept))
     _check_consistency(config)
+    _check_auth(config.auth)
     return config
+
+
+def _check_auth(auth: AuthConfig) -> None:
+    for item in auth.dmarc.trusted_forwarders:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"auth.dmarc.trusted_forwarders: {item!r} is not an address "
+                              "or network") from None
+    _domains(auth.arc.trusted_sealers, "auth.arc.trusted_sealers")
 
 
 def _domains(items: Iterable[str], key: str) -> tuple[str, ...]:
@@ -324,5 +410,6 @@ def defaults_table() -> dict[str, dict[str, Any]]:
     result: dict[str, dict[str, Any]] = {}
     for name, cls in _SECTIONS.items():
         instance = cls()
-        result[name] = {f.name: getattr(instance, f.name) for f in fields(cls)}
+        result[name] = {f.name: getattr(instance, f.name) for f in fields(cls)
+                        if f.name in _KEYS[name]}
     return result

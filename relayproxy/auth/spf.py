@@ -1,0 +1,117 @@
+"""SPF (RFC 7208) with pyspf, fed by the async resolver: the query is replayed, not blocked.
+
+pyspf asks for DNS answers synchronously, one at a time, through its module's DNSLookup. Here
+that function only reads answers already fetched for this query; a missing one is noted and
+the evaluation stops with a TempError. The missing names are then fetched asynchronously and
+the evaluation runs again from the start with them, until it needs nothing new. pyspf's own
+limits (10 DNS mechanisms, 2 void lookups) bound the rounds; MAX_ROUNDS bounds them anyway.
+Evaluation is pure computation on the event loop (microseconds per round).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from dataclasses import dataclass
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.resolver
+import spf as pyspf
+
+MAX_ROUNDS = 150  # >= 10 mechanisms x (1 + 10 MX hosts) + void lookups and the explanation
+RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+
+_Key = tuple[str, str]
+_Answer = list[tuple[_Key, Any]] | None  # None: the lookup failed temporarily
+
+
+@dataclass(slots=True)
+class _Answers:
+    known: dict[_Key, _Answer]
+    missing: list[_Key]
+
+
+_current: contextvars.ContextVar[_Answers | None] = contextvars.ContextVar(
+    "relayproxy_spf_answers", default=None)
+
+
+def _lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> Any:
+    """pyspf's DNSLookup: answers from the current query's table, never from the network."""
+    answers = _current.get()
+    if answers is None:
+        raise pyspf.TempError("DNS: no answers prepared (relayproxy)")
+    key = (name.lower().rstrip("."), qtype)
+    if key not in answers.known:
+        answers.missing.append(key)
+        raise pyspf.TempError(f"DNS {name} {qtype}: not fetched yet")
+    found = answers.known[key]
+    if found is None:
+        raise pyspf.TempError(f"DNS {name} {qtype}: lookup failed")
+    return found
+
+
+# pyspf reads this module global at each lookup; nothing else in the process uses pyspf
+pyspf.DNSLookup = _lookup
+
+
+@dataclass(frozen=True, slots=True)
+class SPFResult:
+    result: str  # one of RESULTS
+    domain: str  # the identity's domain (MAIL FROM, or HELO for the null sender)
+    identity: str  # "mailfrom" or "helo"
+    explanation: str = ""
+
+
+async def _fetch(resolver: dns.asyncresolver.Resolver, key: _Key) -> _Answer:
+    name, qtype = key
+    try:
+        answer = await resolver.resolve(name, qtype)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.name.EmptyLabel,
+            dns.name.LabelTooLong, dns.name.NameTooLong):
+        return []
+    except (dns.exception.DNSException, OSError):
+        return None
+    found: list[tuple[_Key, Any]] = []
+    for r in answer:
+        if qtype in ("A", "AAAA"):
+            found.append((key, r.address))
+        elif qtype == "MX":
+            found.append((key, (r.preference, r.exchange)))
+        elif qtype == "PTR":
+            found.append((key, r.target.to_text(True)))
+        elif qtype in ("TXT", "SPF"):
+            found.append((key, r.strings))
+    return found
+
+
+async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: str,
+                helo: str, receiver: str, timeout: float) -> SPFResult:
+    """The SPF result for sender (or, for the null sender, the HELO name) sending from
+    client_ip; temperror when DNS fails or `timeout` seconds pass."""
+    query = pyspf.query(client_ip, sender, helo, receiver=receiver, timeout=timeout)
+    identity = query.ident
+    domain = query.d
+    answers = _Answers({}, [])
+    try:
+        async with asyncio.timeout(timeout):
+            for _ in range(MAX_ROUNDS):
+                answers.missing = []
+                token = _current.set(answers)
+                try:
+                    result, _code, explanation = query.check()
+                finally:
+                    _current.reset(token)
+                if not answers.missing:
+                    return SPFResult(result, domain, identity,
+                                     explanation if result == "fail" else "")
+                needed = list(dict.fromkeys(answers.missing))
+                fetched = await asyncio.gather(*(_fetch(resolver, k) for k in needed))
+                answers.known.update(zip(needed, fetched, strict=True))
+                query = pyspf.query(client_ip, sender, helo, receiver=receiver,
+                                    timeout=timeout)
+    except TimeoutError:
+        pass
+    return SPFResult("temperror", domain, identity)
