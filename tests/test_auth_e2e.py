@@ -247,3 +247,26 @@ def test_fifty_megabyte_signed_message_verifies_with_flat_rss(
     txs = proxy.wait_for_transactions(2)
     assert txs[-1]["dkim"] == "pass:signer.test", txs[-1]
     assert rss.growth_mib < 16, f"proxy RSS grew by {rss.growth_mib:.1f} MiB"
+
+
+def test_results_are_rule_conditions(proxy_factory: ProxyFactory, zone: DnsServer,
+                                     mailboxes: PostfixInstance, tmp_path: Any) -> None:
+    rules = tmp_path / "auth.toml"
+    rules.write_text(
+        '[[rule]]\nname = "unsigned-none"\nmatch.dmarc = "none"\nmatch.dkim = "none"\n'
+        'match.spf = "pass"\nmatch.spf_domain = ["forwarder.test"]\n'
+        'reply = "550 5.7.1 Unsigned mail from a domain without DMARC"\n'
+        '[[rule]]\nname = "signed-ok"\nmatch.dkim_domain = ["signer.test"]\n'
+        'match.dmarc_domain = ["signer.test"]\nmatch.arc = "none"\naction = "add_header"\n'
+        'header = "X-Signed: signer.test"\n')
+    config = base_config(mailboxes.port, dns={"nameservers": [zone.nameserver], "timeout": 2},
+                         auth={"enabled": True, "timeout": 5}, rules={"files": [str(rules)]})
+    proxy = proxy_factory(config)
+    out = send_message(proxy.host, proxy.port, "list@forwarder.test", [RCPT],
+                       message("someone@nodmarc.test"))
+    assert out["dot"].code == 550 and "Unsigned mail" in out["dot"].text, out["dot"]
+    signed = sign(message(), "rsa", "signer.test", rsa_key())
+    out = send_message(proxy.host, proxy.port, "alice@signer.test", [RCPT], signed)
+    assert out["dot"].code == 250, out["dot"]
+    (delivered,) = mailboxes.wait_for_deliveries(1)
+    assert b"X-Signed: signer.test" in delivered

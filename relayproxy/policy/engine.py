@@ -459,6 +459,7 @@ class RulesCheck(Check):
             return None
         facts = await self._stage_facts(session, s, Stage.MAIL)
         facts.sender = envelope.sender
+        facts.auth = envelope.facts.get("auth")
         verdict, accept = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
                                     tx.headers)
         accepted = self._accept(accept, s, tx)
@@ -490,6 +491,7 @@ class RulesCheck(Check):
             return None
         facts = await self._stage_facts(session, s, Stage.RCPT)
         facts.sender, facts.recipient = envelope.sender, recipient
+        facts.auth = envelope.facts.get("auth")
         facts.recipients = envelope.recipients
         scores = tx.scores.copy()  # a recipient's rules decide for that recipient only
         hits: list[str] = []
@@ -540,6 +542,7 @@ class RulesCheck(Check):
         facts.sender = envelope.sender
         facts.recipients = envelope.recipients
         facts.headers = headers
+        facts.auth = envelope.facts.get("auth")  # relayproxy.auth: the results so far
 
     async def on_data_end(
         self, session: SessionInfo, envelope: Envelope, message: MessageInfo
