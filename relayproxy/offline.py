@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from . import dns as rdns
+from .auth.results import AuthResults
 from .checks import Envelope, MessageInfo, Pipeline, SessionInfo
 from .config import Config
 from .dotreader import Unstuffer, stuff
@@ -34,6 +35,7 @@ class Result:
     rules: list[Evaluation] = field(default_factory=list)
     recipients: dict[str, str] = field(default_factory=dict)  # address -> reply
     added_headers: list[str] = field(default_factory=list)
+    auth: list[str] = field(default_factory=list)  # the authentication results ([auth])
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "rules": [asdict(r) for r in self.rules]}, indent=2)
@@ -46,6 +48,7 @@ class Result:
                          f"{r.score:g}")
         for address, reply in self.recipients.items():
             lines.append(f"RCPT <{address}>: {reply}")
+        lines += [f"auth: {clause}" for clause in self.auth]
         lines += [f"added header: {h}" for h in self.added_headers]
         lines.append(f"score: {self.score:g}")
         lines.append(f"verdict: {self.verdict} at {self.stage}: {self.reply}")
@@ -84,7 +87,10 @@ async def run(config: Config, client_ip: str, helo: str, sender: str,
             return result(stage, for_verdict(verdict))
     envelope = Envelope(sender)
     if (verdict := await pipeline.mail(session, envelope)) is not None:
-        return result("mail", for_verdict(verdict), envelope)
+        out = result("mail", for_verdict(verdict), envelope)
+        auth = envelope.facts.get("auth")
+        out.auth = auth.methods() if isinstance(auth, AuthResults) else []
+        return out
     replies: dict[str, str] = {}
     for address in recipients:
         verdict = await pipeline.rcpt(session, envelope, address)
@@ -125,8 +131,10 @@ async def _data(pipeline: Pipeline, session: SessionInfo, envelope: Envelope,
                                                        "test-message has no downstream)")
     score = float(envelope.log_fields.get("score", 0))
     added = [h.decode("utf-8", "replace").rstrip("\r\n") for h in headers.prepended]
+    auth = envelope.facts.get("auth")
     return Result(_verdict_word(reply), str(reply), "data", score,
-                  rules.trace_of(session) if rules else [], added_headers=added)
+                  rules.trace_of(session) if rules else [], added_headers=added,
+                  auth=auth.methods() if isinstance(auth, AuthResults) else [])
 
 
 def run_sync(config: Config, client_ip: str, helo: str, sender: str,

@@ -15,7 +15,7 @@ from support.authkeys import rsa_key, sign, tamper_body
 from support.dns import DnsServer
 from support.postfix import PostfixInstance
 from support.procstat import RssPeak
-from support.proxy import ProxyProcess, base_config
+from support.proxy import ProxyProcess, base_config, run_cli, toml_dumps
 from support.sink import CountingSink, stream_message
 from support.smtpclient import send_message
 
@@ -270,3 +270,19 @@ def test_results_are_rule_conditions(proxy_factory: ProxyFactory, zone: DnsServe
     assert out["dot"].code == 250, out["dot"]
     (delivered,) = mailboxes.wait_for_deliveries(1)
     assert b"X-Signed: signer.test" in delivered
+
+
+def test_test_message_shows_results_and_header(zone: DnsServer, tmp_path: Any) -> None:
+    config = tmp_path / "relayproxy.toml"
+    config.write_text(toml_dumps(base_config(
+        10025, dns={"nameservers": [zone.nameserver], "timeout": 2},
+        auth={"enabled": True, "timeout": 5})))
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(sign(message(), "rsa", "signer.test", rsa_key()))
+    done = run_cli("test-message", "-c", str(config), "--client-ip", "127.0.0.1",
+                   "--helo", "client.test", "--from", "alice@signer.test", "--to", RCPT,
+                   str(eml))
+    assert done.returncode == 0, done.stderr
+    assert "auth: spf=pass smtp.mailfrom=signer.test" in done.stdout
+    assert "auth: dkim=pass header.d=signer.test header.s=rsa" in done.stdout
+    assert "added header: Authentication-Results: proxy.test;" in done.stdout, done.stdout
