@@ -325,7 +325,25 @@ def _config_error(exc: msgspec.ValidationError, data: dict[str, Any]) -> ConfigE
     return ConfigError(f"{section}.{key}: expected {expected}, got {table[key]!r}")
 
 
+def _nested(data: dict[str, Any]) -> dict[str, Any]:
+    """{"auth.spf": {...}} as {"auth": {"spf": {...}}}: a subsection may be named whole."""
+    result: dict[str, Any] = {}
+    for name, table in data.items():
+        if "." in name and name in _SECTIONS:
+            parent, _, child = name.rpartition(".")
+            holder: dict[str, Any] = result
+            for part in parent.split("."):
+                holder = holder.setdefault(part, {})
+            holder[child] = table
+        elif isinstance(table, dict):
+            result.setdefault(name, {}).update(table)
+        else:
+            result[name] = table
+    return result
+
+
 def from_dict(data: dict[str, Any]) -> Config:
+    data = _nested(data)
     try:
         config = msgspec.convert(_written_forms(data), Config)
     except msgspec.ValidationError as exc:
