@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Iterator
 
 import dkim
+import dkim.crypto
 import dns.exception
 import dns.resolver
 import pytest
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from support.authkeys import ed25519_key, rsa_key, sign, tamper_body, tamper_header
 from support.dns import DnsServer
 
-from relayproxy.auth.dkim import BodyCanon, Verifier
+from relayproxy.auth.dkim import ORIGINAL_INT2STR, ORIGINAL_STR2INT, BodyCanon, Verifier
 from relayproxy.auth.lookup import TempDNSError, txt
 from relayproxy.config import DNSConfig, HostPort
 from relayproxy.dns import make_resolver
@@ -177,3 +178,13 @@ def test_body_canonicalisation_equals_dkimpys(parts: list[bytes], cuts: list[int
     policy = dkim.CanonicalizationPolicy.from_c_value(
         b"simple/relaxed" if relaxed else b"simple/simple")
     assert b"".join(out) == policy.canonicalize_body(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(min_value=0, max_value=2**2100), extra=st.integers(0, 8),
+       minimal=st.booleans())
+def test_faster_integer_conversions_equal_dkimpys(n: int, extra: int, minimal: bool) -> None:
+    length = -1 if minimal else max(1, (n.bit_length() + 7) // 8) + extra
+    assert bytes(dkim.crypto.int2str(n, length)) == bytes(ORIGINAL_INT2STR(n, length))
+    raw = bytes(ORIGINAL_INT2STR(n, length))
+    assert dkim.crypto.str2int(raw) == ORIGINAL_STR2INT(raw)

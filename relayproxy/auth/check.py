@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from typing import Any
 
 import dns.asyncresolver
 
@@ -30,7 +31,7 @@ from . import arc as arcmod
 from . import dmarc as dmarcmod
 from . import spf as spfmod
 from .dkim import Verifier
-from .lookup import TempDNSError, txt
+from .lookup import TempDNSError, cached_txt, txt
 from .results import AuthResults, aar_authserv_id, authserv_id
 
 log = logging.getLogger("relayproxy.auth")
@@ -52,6 +53,7 @@ class _Tx:
         self.spf_deferred = False  # SPF fail left to DMARC
         self.verifier: Verifier | None = None
         self.lookups: dict[str, asyncio.Task[list[bytes]]] = {}
+        self.known: dict[str, list[bytes]] = {}  # answered from the resolver's cache
         self.dmarc_record: asyncio.Task[dmarcmod.Record | None] | None = None
         self.from_domain: str | None = None
         self.from_count = 0
@@ -148,6 +150,7 @@ class AuthCheck(Check):
         if cfg.dmarc.enabled and tx.from_domain is not None:
             tx.dmarc_record = asyncio.ensure_future(
                 dmarcmod.find_record(self.resolver, tx.from_domain))
+            tx.dmarc_record.add_done_callback(_retrieved)
         seals: dict[int, str] = {}
         if cfg.arc.enabled and headers.get_lower("arc-seal"):
             tx.arc_fields = [(f.name.encode(), f.raw.split(b":", 1)[1]) for f in headers.fields
@@ -162,8 +165,14 @@ class AuthCheck(Check):
         return None
 
     def _fetch(self, tx: _Tx, name: str) -> None:
-        if name not in tx.lookups:
-            tx.lookups[name] = asyncio.ensure_future(txt(self.resolver, name))
+        if name in tx.lookups or name in tx.known:
+            return
+        known = cached_txt(self.resolver, name)
+        if known is not None:
+            tx.known[name] = known
+            return
+        task = tx.lookups[name] = asyncio.ensure_future(txt(self.resolver, name))
+        task.add_done_callback(_retrieved)
 
     def _strip_forged(self, headers: HeaderSection, seals: dict[int, str]) -> None:
         ours = self.authserv
@@ -187,7 +196,7 @@ class AuthCheck(Check):
     # ------------------------------------------------------------------ the end
 
     async def _keys(self, tx: _Tx) -> dict[str, list[bytes] | None]:
-        keys: dict[str, list[bytes] | None] = {}
+        keys: dict[str, list[bytes] | None] = dict(tx.known)
         if not tx.lookups:
             return keys
         try:
@@ -300,6 +309,13 @@ class AuthCheck(Check):
         if action == "tag":
             results.notes.append(f"dmarc={note}")
         return None
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A lookup whose message was refused before its end is never awaited: its failure is
+    read here, so asyncio does not report it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _tagged(results: AuthResults) -> list[str]:

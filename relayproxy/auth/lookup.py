@@ -9,6 +9,9 @@ from __future__ import annotations
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
 import dns.resolver
 
 # a name that cannot exist (an empty or overlong label) has no records either
@@ -22,6 +25,9 @@ class TempDNSError(Exception):
 
 async def txt(resolver: dns.asyncresolver.Resolver, name: str) -> list[bytes]:
     """The TXT records of name, each record's strings joined; [] when there are none."""
+    known = cached_txt(resolver, name)
+    if known is not None:
+        return known
     try:
         answer = await resolver.resolve(name, "TXT")
     except _NOT_FOUND:
@@ -29,3 +35,36 @@ async def txt(resolver: dns.asyncresolver.Resolver, name: str) -> list[bytes]:
     except (dns.exception.DNSException, OSError) as exc:
         raise TempDNSError(f"{name}: {exc}") from None
     return [b"".join(r.strings) for r in answer]
+
+
+_IN = dns.rdataclass.IN
+
+
+def cached(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
+           ) -> tuple[bool, dns.resolver.Answer | None]:
+    """(found, answer) from the resolver's cache, without a query or a coroutine: answer is
+    None for a cached NXDOMAIN or NODATA. Most messages come from senders seen a moment ago,
+    and skipping the resolver's machinery for them is most of what authentication costs."""
+    cache = resolver.cache
+    if cache is None:
+        return False, None
+    try:
+        qname = dns.name.from_text(name)
+    except dns.exception.DNSException:
+        return False, None
+    rdtype_value = dns.rdatatype.from_text(rdtype)
+    answer = cache.get((qname, rdtype_value, _IN))
+    if answer is not None:
+        return True, answer if answer.rrset is not None else None
+    negative = cache.get((qname, dns.rdatatype.ANY, _IN))
+    if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
+        return True, None
+    return False, None
+
+
+def cached_txt(resolver: dns.asyncresolver.Resolver, name: str) -> list[bytes] | None:
+    """txt() from the cache; None when the cache does not know."""
+    found, answer = cached(resolver, name, "TXT")
+    if not found:
+        return None
+    return [b"".join(r.strings) for r in answer] if answer is not None else []

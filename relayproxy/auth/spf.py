@@ -21,6 +21,8 @@ import dns.name
 import dns.resolver
 import spf as pyspf
 
+from .lookup import cached
+
 MAX_ROUNDS = 150  # >= 10 mechanisms x (1 + 10 MX hosts) + void lookups and the explanation
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 
@@ -32,6 +34,7 @@ _Answer = list[tuple[_Key, Any]] | None  # None: the lookup failed temporarily
 class _Answers:
     known: dict[_Key, _Answer]
     missing: list[_Key]
+    resolver: dns.asyncresolver.Resolver
 
 
 _current: contextvars.ContextVar[_Answers | None] = contextvars.ContextVar(
@@ -45,6 +48,11 @@ def _lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> A
         raise pyspf.TempError("DNS: no answers prepared (relayproxy)")
     key = (name.lower().rstrip("."), qtype)
     if key not in answers.known:
+        hit, cached_answer = cached(answers.resolver, key[0], qtype)
+        if hit:
+            # in the resolver's cache (for its TTL): no round trip, no replay
+            answers.known[key] = _convert(key, cached_answer)
+            return answers.known[key]
         answers.missing.append(key)
         raise pyspf.TempError(f"DNS {name} {qtype}: not fetched yet")
     found = answers.known[key]
@@ -74,7 +82,15 @@ async def _fetch(resolver: dns.asyncresolver.Resolver, key: _Key) -> _Answer:
         return []
     except (dns.exception.DNSException, OSError):
         return None
+    return _convert(key, answer)
+
+
+def _convert(key: _Key, answer: dns.resolver.Answer | None) -> _Answer:
+    """An answer in the form pyspf's own dnspython lookup gives."""
+    qtype = key[1]
     found: list[tuple[_Key, Any]] = []
+    if answer is None:
+        return found
     for r in answer:
         if qtype in ("A", "AAAA"):
             found.append((key, r.address))
@@ -94,7 +110,7 @@ async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: st
     query = pyspf.query(client_ip, sender, helo, receiver=receiver, timeout=timeout)
     identity = query.ident
     domain = query.d
-    answers = _Answers({}, [])
+    answers = _Answers({}, [], resolver)
     try:
         async with asyncio.timeout(timeout):
             for _ in range(MAX_ROUNDS):
