@@ -22,7 +22,14 @@ from hypothesis import strategies as st
 from support.authkeys import ed25519_key, rsa_key, sign, tamper_body, tamper_header
 from support.dns import DnsServer
 
-from relayproxy.auth.dkim import ORIGINAL_INT2STR, ORIGINAL_STR2INT, BodyCanon, Verifier
+from relayproxy.auth.dkim import (
+    ORIGINAL_INT2STR,
+    ORIGINAL_RE_BTAG,
+    ORIGINAL_RSA_ENCRYPT,
+    ORIGINAL_STR2INT,
+    BodyCanon,
+    Verifier,
+)
 from relayproxy.auth.lookup import TempDNSError, txt
 from relayproxy.config import DNSConfig, HostPort
 from relayproxy.dns import make_resolver
@@ -188,3 +195,23 @@ def test_faster_integer_conversions_equal_dkimpys(n: int, extra: int, minimal: b
     assert bytes(dkim.crypto.int2str(n, length)) == bytes(ORIGINAL_INT2STR(n, length))
     raw = bytes(ORIGINAL_INT2STR(n, length))
     assert dkim.crypto.str2int(raw) == ORIGINAL_STR2INT(raw)
+
+
+_SIG_PIECES = [b" ", b"\t", b"\r\n", b"\n", b"\r", b";", b"b", b"=", b"a", b"Z", b"+", b"/",
+               b"bh=", b"x", b"; b = ", b" b=", b"9"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(parts=st.lists(st.sampled_from(_SIG_PIECES), max_size=24))
+def test_faster_b_tag_pattern_equals_dkimpys(parts: list[bytes]) -> None:
+    value = b"".join(parts)
+    assert dkim.RE_BTAG.sub(b"\\1", value) == ORIGINAL_RE_BTAG.sub(b"\\1", value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(m=st.integers(min_value=0, max_value=2**2047), e=st.sampled_from([3, 65537]))
+def test_gmp_rsa_operation_equals_dkimpys(m: int, e: int) -> None:
+    key = {"modulus": 2**2048 - 159, "publicExponent": e}  # odd, 2048 bits
+    message = m.to_bytes(256, "big")
+    assert bytes(dkim.crypto.rsa_encrypt(message, key, 256)) == bytes(
+        ORIGINAL_RSA_ENCRYPT(message, key, 256))

@@ -40,9 +40,14 @@ KEY = "auth"  # in Envelope.facts: the transaction's AuthResults
 _STATE = "auth.state"
 
 
+_COUNTERS = {(m, r): metrics.AUTH_RESULTS.labels(m, r)
+             for m in metrics.AUTH_METHODS for r in metrics.AUTH_RESULT_VALUES}
+
+
 def _count(method: str, result: str) -> None:
-    if result in metrics.AUTH_RESULT_VALUES:
-        metrics.AUTH_RESULTS.labels(method, result).inc()
+    counter = _COUNTERS.get((method, result))
+    if counter is not None:
+        counter.inc()
 
 
 class _Tx:
@@ -209,7 +214,7 @@ class AuthCheck(Check):
                 keys[name] = task.result()
             else:
                 keys[name] = None
-        tx.cancel()
+                task.cancel()  # overran auth.timeout: its answer is no longer wanted
         return keys
 
     async def finish(self, session: SessionInfo, envelope: Envelope, tx: _Tx,

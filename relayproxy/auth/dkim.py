@@ -23,6 +23,7 @@ from typing import Any
 
 import dkim as dkimpy
 import dkim.crypto
+import gmpy2
 from dkim.crypto import HASH_ALGORITHMS
 
 
@@ -38,10 +39,27 @@ def _str2int(s: bytes) -> int:
     return int.from_bytes(s, "big")
 
 
+def _rsa_encrypt(message: bytes, pk: dict[str, int], mlen: int) -> bytes:
+    """dkim.crypto.rsa_encrypt (the RSA public operation of a verification) with GMP's
+    modular exponentiation: Python's pow took 0.35 ms for a 2048-bit key here, GMP 0.07."""
+    m = int.from_bytes(message, "big")
+    return int(gmpy2.powmod(m, pk["publicExponent"], pk["modulus"])).to_bytes(mlen, "big")
+
+
 # the functions dkimpy's RSA code calls through its module: the same results, faster
 ORIGINAL_INT2STR, ORIGINAL_STR2INT = dkim.crypto.int2str, dkim.crypto.str2int
+ORIGINAL_RSA_ENCRYPT = dkim.crypto.rsa_encrypt
 dkim.crypto.int2str = _int2str
 dkim.crypto.str2int = _str2int
+dkim.crypto.rsa_encrypt = _rsa_encrypt
+
+# dkimpy's pattern for the b= value to blank out, FWS = (?:(?:\s*\r?\n)?\s+)? before each
+# character, backtracks for 70 us over a 2048-bit signature. FWS matches exactly the runs of
+# white space (\s covers CR and LF), so "(FWS char)*" is "(\s* char)*", whose longest match
+# is the longest run of white space and characters ending in a character: the same matches,
+# in 15 us (tests/test_auth_dkim.py compares the two).
+ORIGINAL_RE_BTAG = dkimpy.RE_BTAG
+dkimpy.RE_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 
 
 @lru_cache(maxsize=256)

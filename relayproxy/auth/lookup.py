@@ -6,6 +6,10 @@ resolver of their own, so every query goes to dns.nameservers and none blocks th
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+from functools import lru_cache
+
 import dns.asyncresolver
 import dns.exception
 import dns.name
@@ -40,26 +44,58 @@ async def txt(resolver: dns.asyncresolver.Resolver, name: str) -> list[bytes]:
 _IN = dns.rdataclass.IN
 
 
+_MEMO_ENTRIES = 4096
+# (resolver, name, type) -> (expiry, answer): what the resolver's cache said, until the
+# answer's own expiry; dnspython's cache compares names under a lock, which costs more than
+# the rest of a cached lookup
+_memo: OrderedDict[tuple[int, str, str], tuple[float, dns.resolver.Answer | None]] = (
+    OrderedDict())
+
+
 def cached(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
            ) -> tuple[bool, dns.resolver.Answer | None]:
     """(found, answer) from the resolver's cache, without a query or a coroutine: answer is
     None for a cached NXDOMAIN or NODATA. Most messages come from senders seen a moment ago,
     and skipping the resolver's machinery for them is most of what authentication costs."""
+    key = (id(resolver), name, rdtype)
+    memo = _memo.get(key)
+    if memo is not None:
+        if memo[0] > time.time():
+            return True, memo[1]
+        del _memo[key]
+    found, answer, expiry = _from_cache(resolver, name, rdtype)
+    if found:
+        _memo[key] = (expiry, answer)
+        while len(_memo) > _MEMO_ENTRIES:
+            _memo.popitem(last=False)
+    return found, answer
+
+
+def _from_cache(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
+                ) -> tuple[bool, dns.resolver.Answer | None, float]:
     cache = resolver.cache
     if cache is None:
-        return False, None
-    try:
-        qname = dns.name.from_text(name)
-    except dns.exception.DNSException:
-        return False, None
+        return False, None, 0.0
+    qname = _qname(name)
+    if qname is None:
+        return False, None, 0.0
     rdtype_value = dns.rdatatype.from_text(rdtype)
     answer = cache.get((qname, rdtype_value, _IN))
     if answer is not None:
-        return True, answer if answer.rrset is not None else None
+        return True, answer if answer.rrset is not None else None, answer.expiration
     negative = cache.get((qname, dns.rdatatype.ANY, _IN))
     if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
-        return True, None
-    return False, None
+        return True, None, negative.expiration
+    return False, None, 0.0
+
+
+@lru_cache(maxsize=4096)
+def _qname(name: str) -> dns.name.Name | None:
+    # parsing a name costs more than the cache lookup it is for
+    try:
+        return dns.name.from_text(name)
+    except dns.exception.DNSException:
+        return None
 
 
 def cached_txt(resolver: dns.asyncresolver.Resolver, name: str) -> list[bytes] | None:
