@@ -36,6 +36,10 @@ def zone_records() -> dict[str, str]:
         "rsa._domainkey.signer.test": rsa_key().record,
         "rsa._domainkey.reject.test": rsa_key().record,
         "arc._domainkey.sealer.test": rsa_key().record,
+        "_dmarc.quarantine.test": "v=DMARC1; p=quarantine",
+        "spfdmarc.test": "v=spf1 -all",
+        "_dmarc.spfdmarc.test": "v=DMARC1; p=none",
+        "rsa._domainkey.spfdmarc.test": rsa_key().record,
     }
 
 
@@ -193,6 +197,15 @@ def test_arc_sealed_forward_from_trusted_sealer_passes(proxy_factory: ProxyFacto
     strict = auth_proxy(proxy_factory, zone, mailboxes.port)
     out = send_message(strict.host, strict.port, "list@forwarder.test", [RCPT], forwarded)
     assert out["dot"].code == 550, out["dot"]
+    # a chain on a message larger than the held window is not verified: no arc result, so
+    # no override either
+    small = proxy_factory(base_config(
+        mailboxes.port, server={"hold_bytes": 64},
+        dns={"nameservers": [zone.nameserver], "timeout": 2},
+        auth={"enabled": True, "timeout": 5, "arc": {"trusted_sealers": ["sealer.test"]}}))
+    out = send_message(small.host, small.port, "list@forwarder.test", [RCPT], forwarded)
+    assert out["dot"].code == 550, out["dot"]
+    assert "arc" not in small.wait_for_transactions(1)[0]
 
 
 def test_dns_failure_gives_temperror_never_a_hang(proxy_factory: ProxyFactory,
@@ -286,3 +299,99 @@ def test_test_message_shows_results_and_header(zone: DnsServer, tmp_path: Any) -
     assert "auth: spf=pass smtp.mailfrom=signer.test" in done.stdout
     assert "auth: dkim=pass header.d=signer.test header.s=rsa" in done.stdout
     assert "added header: Authentication-Results: proxy.test;" in done.stdout, done.stdout
+
+
+def test_large_message_header_carries_spf_only_and_dmarc_still_decides(
+        proxy_factory: ProxyFactory, zone: DnsServer, mailboxes: PostfixInstance) -> None:
+    config = base_config(mailboxes.port, server={"hold_bytes": 1024},
+                         dns={"nameservers": [zone.nameserver], "timeout": 2},
+                         auth={"enabled": True, "timeout": 5})
+    proxy = proxy_factory(config)
+    big = message() + b"more body text that makes the message outgrow the window\r\n" * 100
+    out = send_message(proxy.host, proxy.port, "alice@signer.test", [RCPT],
+                       sign(big, "rsa", "signer.test", rsa_key()))
+    assert out["dot"].code == 250, out["dot"]
+    (delivered,) = mailboxes.wait_for_deliveries(1)
+    ar = _ar(delivered)
+    # what was known when the header section left: SPF; no result that was not computed
+    assert "spf=pass smtp.mailfrom=signer.test" in ar, ar
+    assert "dkim=" not in ar and "dmarc=" not in ar and "arc=" not in ar
+    tx = proxy.wait_for_transactions(1)[0]
+    assert (tx["dkim"], tx["dmarc"]) == ("pass:signer.test", "pass")
+    assert tx["arc"] == "none"  # no ARC-Seal in the header section: known without the body
+    # the withheld dot: a DMARC reject still refuses a large message, nothing delivered
+    mailboxes.clear_mailboxes()
+    forged = message("ceo@reject.test") + b"x" * 70 + b"\r\n" * 1
+    forged += (b"padding line to outgrow the held window of this proxy\r\n" * 60)
+    out = send_message(proxy.host, proxy.port, "list@forwarder.test", [RCPT], forged)
+    assert (out["dot"].code, out["dot"].enhanced) == (550, "5.7.1"), out["dot"]
+    mailboxes.wait_queue_empty()
+    assert mailboxes.deliveries() == []
+
+
+def test_quarantine_is_tagged(proxy_factory: ProxyFactory, zone: DnsServer,
+                              mailboxes: PostfixInstance) -> None:
+    proxy = auth_proxy(proxy_factory, zone, mailboxes.port)
+    out = send_message(proxy.host, proxy.port, "list@forwarder.test", [RCPT],
+                       message("x@quarantine.test"))
+    assert out["dot"].code == 250, out["dot"]
+    (delivered,) = mailboxes.wait_for_deliveries(1)
+    assert "dmarc=fail (p=quarantine dis=quarantine)" in _ar(delivered)
+    assert b"X-Relayproxy-Auth-Warning: dmarc=policy=quarantine" in delivered
+    refusing = auth_proxy(proxy_factory, zone, mailboxes.port,
+                          dmarc={"quarantine": "reject"})
+    out = send_message(refusing.host, refusing.port, "list@forwarder.test", [RCPT],
+                       message("x@quarantine.test"))
+    assert out["dot"].code == 550, out["dot"]
+
+
+def test_trusted_forwarder_overrides_a_dmarc_reject(proxy_factory: ProxyFactory,
+                                                    zone: DnsServer,
+                                                    mailboxes: PostfixInstance) -> None:
+    proxy = auth_proxy(proxy_factory, zone, mailboxes.port,
+                       dmarc={"trusted_forwarders": ["127.0.0.0/8"]})
+    out = send_message(proxy.host, proxy.port, "list@forwarder.test", [RCPT],
+                       message("ceo@reject.test"))
+    assert out["dot"].code == 250, out["dot"]
+    (delivered,) = mailboxes.wait_for_deliveries(1)
+    assert "dmarc=fail (p=reject dis=reject)" in _ar(delivered)
+    assert proxy.wait_for_transactions(1)[0]["auth_notes"] == \
+        "dmarc_override=trusted_forwarder"
+
+
+def test_spf_fail_of_a_dmarc_domain_is_left_to_dmarc(proxy_factory: ProxyFactory,
+                                                     zone: DnsServer,
+                                                     mailboxes: PostfixInstance) -> None:
+    proxy = auth_proxy(proxy_factory, zone, mailboxes.port)
+    # signed by the domain: DKIM aligned, DMARC passes although SPF fails
+    signed = sign(message("a@spfdmarc.test"), "rsa", "spfdmarc.test", rsa_key())
+    out = send_message(proxy.host, proxy.port, "a@spfdmarc.test", [RCPT], signed)
+    assert out["mail"].code == 250 and out["dot"].code == 250, out
+    # unsigned: p=none, delivered with both failures in the header
+    out = send_message(proxy.host, proxy.port, "a@spfdmarc.test", [RCPT],
+                       message("a@spfdmarc.test"))
+    assert out["dot"].code == 250, out
+    first, second = sorted(mailboxes.wait_for_deliveries(2), key=lambda m: b"dkim=pass" in m)
+    assert "spf=fail" in _ar(first) and "dmarc=fail" in _ar(first)
+    assert "spf=fail" in _ar(second) and "dmarc=pass" in _ar(second)
+
+
+def test_forged_results_removed_others_kept_and_counted(proxy_factory: ProxyFactory,
+                                                        zone: DnsServer,
+                                                        mailboxes: PostfixInstance) -> None:
+    proxy = auth_proxy(proxy_factory, zone, mailboxes.port)
+    extra = (b"Authentication-Results: proxy.test (forged);\r\n\tdmarc=pass\r\n"
+             b"ARC-Authentication-Results: i=1; proxy.test; dkim=pass\r\n"
+             b"Authentication-Results: mx.elsewhere.test; spf=pass\r\n")
+    signed = sign(message(), "rsa", "signer.test", rsa_key())
+    out = send_message(proxy.host, proxy.port, "alice@signer.test", [RCPT], extra + signed)
+    assert out["dot"].code == 250, out["dot"]
+    (delivered,) = mailboxes.wait_for_deliveries(1)
+    assert b"(forged)" not in delivered and b"ARC-Authentication-Results" not in delivered
+    assert b"Authentication-Results: mx.elsewhere.test; spf=pass" in delivered
+    assert _ar(delivered).count("Authentication-Results: proxy.test;") == 1
+    for method in ("spf", "dkim", "dmarc"):
+        assert proxy.metric("relayproxy_auth_results_total",
+                            {"method": method, "result": "pass"}) == 1, method
+    assert proxy.metric("relayproxy_auth_results_total",
+                        {"method": "arc", "result": "none"}) == 1
