@@ -60,6 +60,8 @@ class _Tx:
         self.lookups: dict[str, asyncio.Task[list[bytes]]] = {}
         self.known: dict[str, list[bytes]] = {}  # answered from the resolver's cache
         self.dmarc_record: asyncio.Task[dmarcmod.Record | None] | None = None
+        self.dmarc_known = False  # the record came from the resolver's cache: dmarc_cached
+        self.dmarc_cached: dmarcmod.Record | None = None
         self.from_domain: str | None = None
         self.from_count = 0
         self.arc_header: bytes | None = None  # the header section, when there is a chain
@@ -153,9 +155,13 @@ class AuthCheck(Check):
         tx.from_count = len(froms)
         tx.from_domain = dmarcmod.from_domain(froms)
         if cfg.dmarc.enabled and tx.from_domain is not None:
-            tx.dmarc_record = asyncio.ensure_future(
-                dmarcmod.find_record(self.resolver, tx.from_domain))
-            tx.dmarc_record.add_done_callback(_retrieved)
+            known, record = dmarcmod.cached_record(self.resolver, tx.from_domain)
+            if known:
+                tx.dmarc_known, tx.dmarc_cached = True, record
+            else:
+                tx.dmarc_record = asyncio.ensure_future(
+                    dmarcmod.find_record(self.resolver, tx.from_domain))
+                tx.dmarc_record.add_done_callback(_retrieved)
         seals: dict[int, str] = {}
         if cfg.arc.enabled and headers.get_lower("arc-seal"):
             tx.arc_fields = [(f.name.encode(), f.raw.split(b":", 1)[1]) for f in headers.fields
@@ -258,11 +264,12 @@ class AuthCheck(Check):
             return Verdict.reject("Message must have exactly one From address "
                                   f"({tx.from_count} From fields)", 550, "5.7.1",
                                   source="auth", check="dmarc")
-        record: dmarcmod.Record | None = None
+        record: dmarcmod.Record | None = tx.dmarc_cached
         try:
-            assert tx.dmarc_record is not None
-            async with asyncio.timeout(cfg.timeout):
-                record = await tx.dmarc_record
+            if not tx.dmarc_known:
+                assert tx.dmarc_record is not None
+                async with asyncio.timeout(cfg.timeout):
+                    record = await tx.dmarc_record
         except (TempDNSError, TimeoutError):
             results.dmarc = dmarcmod.DMARCResult("temperror", tx.from_domain)
             return self._act(cfg.dmarc.temperror, results, "temperror",

@@ -15,7 +15,7 @@ import dns.asyncresolver
 from publicsuffixlist import PublicSuffixList
 
 from ..address import PathError, ascii_domain
-from .lookup import TempDNSError, txt
+from .lookup import TempDNSError, cached_txt, txt
 
 _PSL = PublicSuffixList()
 
@@ -83,6 +83,24 @@ async def find_record(resolver: dns.asyncresolver.Resolver, domain: str) -> Reco
     if org != domain:
         return await _record_at(resolver, org, True)
     return None
+
+
+def cached_record(resolver: dns.asyncresolver.Resolver, domain: str
+                  ) -> tuple[bool, Record | None]:
+    """find_record from the resolver's cache alone: (known, record); known is False when an
+    answer it needs is not in the cache."""
+    for name, subdomain in ((domain, False), (org_domain(domain), True)):
+        if subdomain and name == domain:
+            return True, None
+        records = cached_txt(resolver, f"_dmarc.{name}")
+        if records is None:
+            return False, None
+        found = [r for r in records if r.lstrip().startswith(b"v=DMARC1")]
+        if len(found) == 1:
+            return True, parse_record(found[0], subdomain, name)
+        if found:
+            return True, None
+    return True, None
 
 
 def from_domain(values: list[str]) -> str | None:
