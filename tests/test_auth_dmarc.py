@@ -14,6 +14,7 @@ from relayproxy.auth.dkim import DKIMResult
 from relayproxy.auth.dmarc import (
     Record,
     aligned,
+    cached_record,
     evaluate,
     find_record,
     from_domain,
@@ -144,3 +145,19 @@ def test_field_carries_only_what_was_computed() -> None:
            "header.b=abcd1234" in text
     assert "dmarc=" not in text and "arc=" not in text
     assert AuthResults().field("mx.test") == b"Authentication-Results: mx.test;\r\n\tnone\r\n"
+
+
+def test_cached_record_equals_the_looked_up_one(tmp_path_factory: pytest.TempPathFactory
+                                                ) -> None:
+    server = DnsServer(workdir=tmp_path_factory.mktemp("dmarc-ttl"), txt=RECORDS, ttl=300)
+    server.start()
+    try:
+        resolver = make_resolver(DNSConfig(nameservers=(HostPort(server.host, server.port),),
+                                           timeout=1.0))
+        for domain in ("example.test", "mail.example.test", "none.test", "two.test",
+                       "nothing.test", "news.mail.example.co.uk"):
+            assert cached_record(resolver, domain) == (False, None), domain
+            looked_up = asyncio.run(asyncio.wait_for(find_record(resolver, domain), 10))
+            assert cached_record(resolver, domain) == (True, looked_up), domain
+    finally:
+        server.stop()
