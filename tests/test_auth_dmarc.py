@@ -5,9 +5,12 @@ the From field; and the Authentication-Results field and forged ones (relayproxy
 from __future__ import annotations
 
 import asyncio
+import email.utils
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.dns import DnsServer
 
 from relayproxy.auth.dkim import DKIMResult
@@ -161,3 +164,19 @@ def test_cached_record_equals_the_looked_up_one(tmp_path_factory: pytest.TempPat
             assert cached_record(resolver, domain) == (True, looked_up), domain
     finally:
         server.stop()
+
+
+_FROM_PIECES = ["a", "@", "b.c", " ", "<", ">", ",", '"', "(", ")", ";", ":", "Jo", "'", ".",
+                "-", "\\", "Ü"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(parts=st.lists(st.sampled_from(_FROM_PIECES), min_size=1, max_size=10))
+def test_from_fast_path_agrees_with_the_email_parser(parts: list[str]) -> None:
+    value = "".join(parts)
+    addresses = [a for _, a in email.utils.getaddresses([value]) if a]
+    domain = from_domain([value])
+    if len(addresses) != 1 or "@" not in addresses[0]:
+        assert domain is None, value
+    elif domain is not None:
+        assert domain == addresses[0].rpartition("@")[2].strip().rstrip(".").lower(), value

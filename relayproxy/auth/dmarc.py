@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -103,12 +104,22 @@ def cached_record(resolver: dns.asyncresolver.Resolver, domain: str
     return True, None
 
 
+_ATOMS = r"[^\s<>@,;:()\[\]\"\\]+"
+_SIMPLE_FROM = re.compile(rf"\s*(?:({_ATOMS}@{_ATOMS})|[\w .'-]*<({_ATOMS}@{_ATOMS})>)\s*\Z")
+
+
 def from_domain(values: list[str]) -> str | None:
     """The RFC5322.From domain: exactly one From field with exactly one address, else None
     (RFC 7489 6.6.1: such a message cannot be evaluated)."""
     if len(values) != 1:
         return None
-    addresses = [a for _, a in email.utils.getaddresses(values) if a]
+    simple = _SIMPLE_FROM.match(values[0])
+    if simple is not None:
+        # the usual forms (an address, or a plain display name and <address>): no parser
+        # needed; anything else (comments, groups, quoting, several addresses) is parsed
+        addresses = [simple.group(1) or simple.group(2)]
+    else:
+        addresses = [a for _, a in email.utils.getaddresses(values) if a]
     if len(addresses) != 1 or "@" not in addresses[0]:
         return None
     domain = addresses[0].rpartition("@")[2].strip().rstrip(".")
