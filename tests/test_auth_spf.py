@@ -123,3 +123,15 @@ def test_cached_answers_need_no_query(tmp_path_factory: pytest.TempPathFactory) 
         assert server.queries("pass.test", "TXT") == 1
     finally:
         server.stop()
+
+
+def test_results_last_no_longer_than_their_answers(zone: DnsServer) -> None:
+    """The module zone has TTL 0: nothing is cached, each check asks again; a temperror is
+    never kept either."""
+    before = zone.queries("redirect.test", "TXT")
+    assert spf(zone, "x@redirect.test").result == "pass"
+    assert spf(zone, "x@redirect.test").result == "pass"
+    assert zone.queries("redirect.test", "TXT") == before + 2
+    assert spf(zone, "x@timeout.test").result == "temperror"
+    assert spf(zone, "x@timeout.test").result == "temperror"
+    assert zone.queries("timeout.test", "TXT") >= 2

@@ -57,18 +57,25 @@ def cached(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
     """(found, answer) from the resolver's cache, without a query or a coroutine: answer is
     None for a cached NXDOMAIN or NODATA. Most messages come from senders seen a moment ago,
     and skipping the resolver's machinery for them is most of what authentication costs."""
+    found, answer, _expiry = cached_until(resolver, name, rdtype)
+    return found, answer
+
+
+def cached_until(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
+                 ) -> tuple[bool, dns.resolver.Answer | None, float]:
+    """cached(), with the time (time.time()) until which the cache keeps the answer."""
     key = (id(resolver), name, rdtype)
     memo = _memo.get(key)
     if memo is not None:
         if memo[0] > time.time():
-            return True, memo[1]
+            return True, memo[1], memo[0]
         del _memo[key]
     found, answer, expiry = _from_cache(resolver, name, rdtype)
     if found:
         _memo[key] = (expiry, answer)
         while len(_memo) > _MEMO_ENTRIES:
             _memo.popitem(last=False)
-    return found, answer
+    return found, answer, expiry
 
 
 def _from_cache(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str

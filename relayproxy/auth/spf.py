@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +24,7 @@ import dns.name
 import dns.resolver
 import spf as pyspf
 
-from .lookup import cached
+from .lookup import cached_until
 
 MAX_ROUNDS = 150  # >= 10 mechanisms x (1 + 10 MX hosts) + void lookups and the explanation
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
@@ -35,6 +38,7 @@ class _Answers:
     known: dict[_Key, _Answer]
     missing: list[_Key]
     resolver: dns.asyncresolver.Resolver
+    expires: float = math.inf  # the earliest expiry of the answers used (time.time())
 
 
 _current: contextvars.ContextVar[_Answers | None] = contextvars.ContextVar(
@@ -48,8 +52,9 @@ def _lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> A
         raise pyspf.TempError("DNS: no answers prepared (relayproxy)")
     key = (name.lower().rstrip("."), qtype)
     if key not in answers.known:
-        hit, cached_answer = cached(answers.resolver, key[0], qtype)
+        hit, cached_answer, expiry = cached_until(answers.resolver, key[0], qtype)
         if hit:
+            answers.expires = min(answers.expires, expiry)
             # in the resolver's cache (for its TTL): no round trip, no replay
             answers.known[key] = _convert(key, cached_answer)
             return answers.known[key]
@@ -107,6 +112,12 @@ async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: st
                 helo: str, receiver: str, timeout: float) -> SPFResult:
     """The SPF result for sender (or, for the null sender, the HELO name) sending from
     client_ip; temperror when DNS fails or `timeout` seconds pass."""
+    memo_key = (id(resolver), client_ip, sender.lower(), helo.lower(), receiver)
+    memo = _results.get(memo_key)
+    if memo is not None:
+        if memo[0] > time.time():
+            return memo[1]
+        del _results[memo_key]
     query = pyspf.query(client_ip, sender, helo, receiver=receiver, timeout=timeout)
     identity = query.ident
     domain = query.d
@@ -121,13 +132,34 @@ async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: st
                 finally:
                     _current.reset(token)
                 if not answers.missing:
-                    return SPFResult(result, domain, identity,
-                                     explanation if result == "fail" else "")
+                    found = SPFResult(result, domain, identity,
+                                      explanation if result == "fail" else "")
+                    _remember(memo_key, found, answers.expires)
+                    return found
                 needed = list(dict.fromkeys(answers.missing))
                 fetched = await asyncio.gather(*(_fetch(resolver, k) for k in needed))
                 answers.known.update(zip(needed, fetched, strict=True))
+                for name, qtype in needed:
+                    # fetched answers count as long as the resolver's cache keeps them
+                    hit, _answer, expiry = cached_until(resolver, name, qtype)
+                    answers.expires = min(answers.expires, expiry if hit else 0.0)
                 query = pyspf.query(client_ip, sender, helo, receiver=receiver,
                                     timeout=timeout)
     except TimeoutError:
         pass
     return SPFResult("temperror", domain, identity)
+
+
+RESULT_ENTRIES = 10_000
+# (resolver, ip, sender, HELO, receiver) -> (expiry, result): a result is a function of these
+# and of the DNS answers it read, so it holds until the first of them expires (their TTL);
+# temperror is never kept. A sender seen a moment ago costs no evaluation.
+_results: OrderedDict[tuple[int, str, str, str, str], tuple[float, SPFResult]] = OrderedDict()
+
+
+def _remember(key: tuple[int, str, str, str, str], result: SPFResult, expires: float) -> None:
+    if result.result == "temperror" or expires <= time.time() or expires == math.inf:
+        return
+    _results[key] = (expires, result)
+    while len(_results) > RESULT_ENTRIES:
+        _results.popitem(last=False)

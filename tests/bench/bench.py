@@ -24,7 +24,9 @@ shell, so the sampled PID is the proxy itself. Placeholders: {port} {sink_host} 
 Workload w1s (issue 7) sends one DKIM-signed (rsa-2048) 4 KB message from 20 threads; it needs
 dkimpy (the proxy's own dependency: run bench.py with the project's .venv) and dnsmasq, which
 serves bench.test's SPF, DMARC and DKIM records to {config_auth} (the generated config plus
-[dns] on that dnsmasq and [auth] enabled):
+[dns] on that dnsmasq and [auth] enabled; {config_auth_bare} has the four methods disabled,
+which leaves what the check costs around them: the held window, the header section parsed,
+forged fields looked for, the Authentication-Results field):
 
     .venv/bin/python tests/bench/bench.py --workloads w1s --reps 3 \
         --variant 'auth={python} -m relayproxy run -c {config_auth}'
@@ -311,12 +313,15 @@ def bench_rules(count: int = 50) -> str:
 
 
 def proxy_toml(listen_port: int, sink_port: int, checks: tuple[str, ...] = (),
-               rules: tuple[str, ...] = (), auth_dns: int = 0) -> str:
+               rules: tuple[str, ...] = (), auth_dns: int = 0, auth_bare: bool = False) -> str:
     plugins = ""
     if auth_dns:
         # SPF, DKIM and DMARC against the script's dnsmasq; the defaults otherwise
         plugins += (f'\n[dns]\nnameservers = ["{HOST}:{auth_dns}"]\n'
                     "\n[auth]\nenabled = true\n")
+        if auth_bare:  # the check's frame only: held window, forged fields removed, A-R
+            plugins += "".join(f"[auth.{m}]\nenabled = false\n"
+                               for m in ("spf", "dkim", "dmarc", "arc"))
     if checks:  # only then: older relayproxy versions reject an unknown [plugins] section
         plugins = "\n[plugins]\nchecks = [" + ", ".join(json.dumps(c) for c in checks) + "]\n"
     if rules:
@@ -378,6 +383,9 @@ class Proxy:
         self.config_auth = workdir / f"{stem}-auth.toml"
         self.config_auth.write_text(proxy_toml(self.port, sink_port,
                                                auth_dns=getattr(args, "dns_port", 0)))
+        self.config_auth_bare = workdir / f"{stem}-auth-bare.toml"
+        self.config_auth_bare.write_text(proxy_toml(
+            self.port, sink_port, auth_dns=getattr(args, "dns_port", 0), auth_bare=True))
         self.log = workdir / ("proxy.log" if name == "proxy" else f"proxy-{name}.log")
         if cmd:
             self.argv = shlex.split(
@@ -389,6 +397,7 @@ class Proxy:
                     config_observer=self.config_observer,
                     config_rules=self.config_rules,
                     config_auth=self.config_auth,
+                    config_auth_bare=self.config_auth_bare,
                     python=args.python,
                 )
             )
