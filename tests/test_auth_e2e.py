@@ -168,6 +168,14 @@ def test_several_from_addresses_refused(proxy_factory: ProxyFactory, zone: DnsSe
                              b"From: a@signer.test, b@reject.test")
     out = send_message(proxy.host, proxy.port, "alice@signer.test", [RCPT], body)
     assert (out["dot"].code, out["dot"].enhanced) == (550, "5.7.1"), out["dot"]
+    assert out["dot"].text.endswith("(no single address in From)")
+    two = message().replace(b"From: ", b"From: a@signer.test\r\nFrom: ", 1)
+    out = send_message(proxy.host, proxy.port, "alice@signer.test", [RCPT], two)
+    assert out["dot"].code == 550 and out["dot"].text.endswith("(2 From fields)"), out["dot"]
+    none = message().replace(b"From: Alice <alice@signer.test>\r\n", b"")
+    out = send_message(proxy.host, proxy.port, "alice@signer.test", [RCPT], none)
+    assert out["dot"].code == 550 and out["dot"].text.endswith("(no From field)"), out["dot"]
+    mailboxes.wait_queue_empty()
     assert mailboxes.deliveries() == []
 
 
@@ -337,7 +345,7 @@ def test_quarantine_is_tagged(proxy_factory: ProxyFactory, zone: DnsServer,
     assert out["dot"].code == 250, out["dot"]
     (delivered,) = mailboxes.wait_for_deliveries(1)
     assert "dmarc=fail (p=quarantine dis=quarantine)" in _ar(delivered)
-    assert b"X-Relayproxy-Auth-Warning: dmarc=policy=quarantine" in delivered
+    assert b"X-Relayproxy-Auth-Warning: dmarc=fail policy=quarantine" in delivered
     refusing = auth_proxy(proxy_factory, zone, mailboxes.port,
                           dmarc={"quarantine": "reject"})
     out = send_message(refusing.host, refusing.port, "list@forwarder.test", [RCPT],

@@ -261,8 +261,11 @@ class AuthCheck(Check):
         if tx.from_domain is None:
             # RFC 7489 6.6.1: no single author domain, no evaluation; and forgers use that
             results.dmarc = dmarcmod.DMARCResult("permerror", "")
-            return Verdict.reject("Message must have exactly one From address "
-                                  f"({tx.from_count} From fields)", 550, "5.7.1",
+            found = ("no From field" if tx.from_count == 0 else
+                     f"{tx.from_count} From fields" if tx.from_count > 1 else
+                     "no single address in From")
+            return Verdict.reject(f"Message must have exactly one From address ({found})",
+                                  550, "5.7.1",
                                   source="auth", check="dmarc")
         record: dmarcmod.Record | None = tx.dmarc_cached
         try:
@@ -292,7 +295,7 @@ class AuthCheck(Check):
         if self._override(session, results):
             return None
         action = cfg.dmarc.reject if result.policy == "reject" else cfg.dmarc.quarantine
-        return self._act(action, results, f"policy={result.policy}",
+        return self._act(action, results, f"fail policy={result.policy}",
                          f"DMARC policy of {tx.from_domain} ({result.policy}) rejects "
                          "unauthenticated mail")
 
