@@ -10,6 +10,7 @@ the chunks the body arrives in (Hypothesis draws the split points).
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 
 import dkim
@@ -215,3 +216,41 @@ def test_gmp_rsa_operation_equals_dkimpys(m: int, e: int) -> None:
     message = m.to_bytes(256, "big")
     assert bytes(dkim.crypto.rsa_encrypt(message, key, 256)) == bytes(
         ORIGINAL_RSA_ENCRYPT(message, key, 256))
+
+
+def test_key_server_that_never_answers_gives_temperror_like_dkimpys_timeout() -> None:
+    message = CORPUS["rsa-relaxed-relaxed"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        head, _, body = message.partition(b"\r\n\r\n")
+        verifier = Verifier(head + b"\r\n", 5, 1024)
+        resolver = make_resolver(DNSConfig(nameservers=(HostPort("127.0.0.1", port),),
+                                           timeout=0.5))
+
+        async def keys() -> dict[str, list[bytes] | None]:
+            found: dict[str, list[bytes] | None] = {}
+            for name in verifier.key_names:
+                try:
+                    found[name] = await txt(resolver, name)
+                except TempDNSError:
+                    found[name] = None
+            return found
+
+        table = asyncio.run(asyncio.wait_for(keys(), 10))
+        verifier.feed(body)
+        verifier.end()
+        assert [r.result for r in verifier.results(table)] == ["temperror"]
+
+        sync = dns.resolver.Resolver(configure=False)
+        sync.nameservers, sync.port, sync.lifetime = ["127.0.0.1"], port, 0.5
+
+        def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
+            try:
+                answer = sync.resolve(name.decode() if isinstance(name, bytes) else name,
+                                      "TXT")
+            except dns.exception.Timeout as exc:
+                raise dkim.DnsTimeoutError(str(exc)) from None
+            return b"".join(next(iter(answer)).strings)
+
+        assert dkim.verify(message, dnsfunc=dnsfunc) is False
