@@ -36,6 +36,7 @@ TXT = {
     "two.test": ["v=spf1 -all", "v=spf1 +all"],
     "helo.test": "v=spf1 ip4:192.0.2.0/24 -all",
     "include-timeout.test": "v=spf1 include:x.timeout.test -all",
+    "xn--bcher-kva.test": "v=spf1 ip4:192.0.2.0/24 -all",
     **{f"l{i}.many.test": "v=spf1 -ip4:203.0.113.1" for i in range(11)},
 }
 A = {"192.0.2.10.bob.allow.macro.test": "127.0.0.2", "host.a.test": CLIENT}
@@ -135,3 +136,11 @@ def test_results_last_no_longer_than_their_answers(zone: DnsServer) -> None:
     assert spf(zone, "x@timeout.test").result == "temperror"
     assert spf(zone, "x@timeout.test").result == "temperror"
     assert zone.queries("timeout.test", "TXT") >= 2
+
+
+def test_address_literals_have_no_spf_and_idn_domains_are_looked_up_as_a_labels(
+        zone: DnsServer) -> None:
+    assert spf(zone, "a@[192.0.2.10]").result == "none"
+    assert spf(zone, "", helo="[192.0.2.10]").result == "none"
+    found = spf(zone, "a@bücher.test")
+    assert (found.result, found.domain) == ("pass", "xn--bcher-kva.test")

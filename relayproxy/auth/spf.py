@@ -24,6 +24,7 @@ import dns.name
 import dns.resolver
 import spf as pyspf
 
+from ..address import PathError, ascii_domain
 from .lookup import cached_until
 
 MAX_ROUNDS = 150  # >= 10 mechanisms x (1 + 10 MX hosts) + void lookups and the explanation
@@ -112,6 +113,16 @@ async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: st
                 helo: str, receiver: str, timeout: float) -> SPFResult:
     """The SPF result for sender (or, for the null sender, the HELO name) sending from
     client_ip; temperror when DNS fails or `timeout` seconds pass."""
+    local, at, domain_part = sender.rpartition("@")
+    identity_domain = domain_part if at else helo
+    if identity_domain.startswith("[") or not identity_domain:
+        # an address literal names no domain to ask (RFC 7208 2.3, 4.3): no SPF record
+        return SPFResult("none", identity_domain, "mailfrom" if at else "helo")
+    if at:
+        try:
+            sender = f"{local}@{ascii_domain(domain_part)}"  # the A-label form is looked up
+        except PathError:
+            return SPFResult("none", domain_part, "mailfrom")
     memo_key = (id(resolver), client_ip, sender.lower(), helo.lower(), receiver)
     memo = _results.get(memo_key)
     if memo is not None:
