@@ -79,6 +79,17 @@ def corpus() -> dict[str, bytes]:
     out["missing-key"] = sign(BASE, "nokey", D, rsa)
     out["dns-timeout"] = sign(BASE, "rsa", "timeout.test", rsa)
     out["unsigned"] = BASE
+    # repeated and unsigned fields: each name's fields are taken bottom up (RFC 6376 5.4.2)
+    traced = (b"Received: from a.test by b.test; Wed, 2 Dec 2026 01:00:00 +0000\r\n"
+              b"X-List: first\r\nX-Unsigned: left alone\r\n"
+              b"x-list:  second,\r\n\tfolded  \r\n" + BASE)
+    twice = (b"x-list", b"x-list", b"x-list", b"from", b"subject", b"x-missing")
+    out["repeated-fields"] = sign(traced, "rsa", D, rsa, (b"relaxed", b"simple"),
+                                  include=twice)
+    out["repeated-fields-simple"] = sign(traced, "ed", D, ed, (b"simple", b"simple"),
+                                         include=twice)
+    out["repeated-fields-added"] = b"X-List: added\r\n" + out["repeated-fields"]
+    out["unsigned-field-added"] = b"X-Later: added\r\n" + out["repeated-fields"]
     return out
 
 

@@ -43,13 +43,14 @@ def ed25519_key() -> Key:
 
 def sign(message: bytes, selector: str, domain: str, key: Key,
          canon: tuple[bytes, bytes] = (b"relaxed", b"relaxed"), length: bool = False,
-         expire: int | None = None) -> bytes:
+         expire: int | None = None,
+         include: tuple[bytes, ...] = (b"from", b"to", b"subject", b"date")) -> bytes:
     """message with a DKIM-Signature on top; expire: x= that many seconds from now."""
     if expire is None:
         field = dkim.sign(message, selector.encode(), domain.encode(), key.private,
                           canonicalize=canon, length=length,
                           signature_algorithm=key.algorithm,
-                          include_headers=[b"from", b"to", b"subject", b"date"])
+                          include_headers=list(include))
         return field + message
     # dkimpy's sign has no x=: its own header generation, with the tag added
     d = dkim.DKIM(message, signature_algorithm=key.algorithm)
