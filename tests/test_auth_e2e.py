@@ -403,3 +403,23 @@ def test_forged_results_removed_others_kept_and_counted(proxy_factory: ProxyFact
                             {"method": method, "result": "pass"}) == 1, method
     assert proxy.metric("relayproxy_auth_results_total",
                         {"method": "arc", "result": "none"}) == 1
+
+
+def test_dkim_key_and_dmarc_record_dns_failures(proxy_factory: ProxyFactory, zone: DnsServer,
+                                               mailboxes: PostfixInstance) -> None:
+    proxy = auth_proxy(proxy_factory, zone, mailboxes.port)
+    # the key's DNS fails: dkim=temperror; DMARC still passes by aligned SPF
+    signed = sign(message(), "rsa", "timeout.test", rsa_key())
+    out = send_message(proxy.host, proxy.port, "alice@signer.test", [RCPT], signed,
+                       timeout=30)
+    assert out["dot"].code == 250, out["dot"]
+    (delivered,) = mailboxes.wait_for_deliveries(1)
+    ar = _ar(delivered)
+    assert "dkim=temperror (key lookup failed) header.d=timeout.test" in ar, ar
+    assert "dmarc=pass" in ar
+    # the From domain's DMARC record cannot be had: 451, try later
+    out = send_message(proxy.host, proxy.port, "list@forwarder.test", [RCPT],
+                       message("x@timeout.test"), timeout=30)
+    assert (out["dot"].code, out["dot"].enhanced) == (451, "4.7.1"), out["dot"]
+    assert proxy.metric("relayproxy_auth_results_total",
+                        {"method": "dmarc", "result": "temperror"}) == 1
