@@ -51,7 +51,7 @@ OptionalHostPort = Annotated[
     HostPort | None, msgspec.Meta(description='host:port, or "" for none')]
 Networks = Annotated[tuple[str, ...], msgspec.Meta(
     description="a network (CIDR) or a list of networks")]
-OnError = Literal["tempfail", "open"]
+StateOnError = Literal["tempfail", "open"]
 # no whitespace or control characters: it goes into the banner, EHLO and Received
 HostName = Annotated[str, msgspec.Meta(pattern=r"\A[^\s\x00-\x20]+\Z", description="a host name")]
 
@@ -150,14 +150,14 @@ class StateConfig:
     or in Redis when redis_url is set (shared by several proxies)."""
 
     redis_url: str = ""
-    on_error: OnError = "tempfail"
+    on_error: StateOnError = "tempfail"
     timeout: Seconds = 1.0
     key_prefix: str = "relayproxy:"
     max_connections: Positive = 20
     down_time: NonNegative = 2.0
 
 
-OnError = Literal["tempfail", "accept"]
+ScannerOnError = Literal["tempfail", "accept"]
 # a TCP host:port, or the path of a unix socket (starting with "/"); "" leaves it off
 ScannerAddress = Annotated[str, msgspec.Meta(
     pattern=r"\A(|/\S+|\S+:\d+)\Z", description='host:port, a socket path, or "" for off')]
@@ -167,7 +167,7 @@ ScannerAddress = Annotated[str, msgspec.Meta(
 class ClamdConfig:
     address: ScannerAddress = ""
     timeout: Seconds = 30.0
-    on_error: OnError = "tempfail"
+    on_error: ScannerOnError = "tempfail"
     max_bytes: Positive = 26_214_400  # within clamd's StreamMaxLength (25M by default)
 
 
@@ -176,7 +176,7 @@ class RspamdConfig:
     url: Annotated[str, msgspec.Meta(pattern=r"\A(|https?://\S+)\Z",
                                      description='an http:// URL, or "" for off')] = ""
     timeout: Seconds = 30.0
-    on_error: OnError = "tempfail"
+    on_error: ScannerOnError = "tempfail"
     max_bytes: Positive = 52_428_800  # rspamd's own max_message: 50 MiB
 
 
@@ -184,7 +184,7 @@ class RspamdConfig:
 class SpamdConfig:
     address: ScannerAddress = ""
     timeout: Seconds = 30.0
-    on_error: OnError = "tempfail"
+    on_error: ScannerOnError = "tempfail"
     max_bytes: Positive = 512_000  # spamc's default (-s 500 KB)
     action: Literal["reject", "tag"] = "reject"
 
@@ -196,6 +196,53 @@ class ScannersConfig:
     clamd: ClamdConfig = field(default_factory=ClamdConfig)
     rspamd: RspamdConfig = field(default_factory=RspamdConfig)
     spamd: SpamdConfig = field(default_factory=SpamdConfig)
+
+
+AuthAction = Literal["reject", "tempfail", "tag", "ignore"]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSPFConfig:
+    enabled: bool = True
+    fail: AuthAction = "reject"
+    softfail: AuthAction = "ignore"
+    neutral: AuthAction = "ignore"
+    none: AuthAction = "ignore"
+    permerror: AuthAction = "ignore"
+    temperror: AuthAction = "tempfail"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthDKIMConfig:
+    enabled: bool = True
+    max_signatures: Positive = 5
+    min_key_bits: Positive = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AuthDMARCConfig:
+    enabled: bool = True
+    reject: AuthAction = "reject"
+    quarantine: AuthAction = "tag"
+    temperror: AuthAction = "tempfail"
+    trusted_forwarders: Networks = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthARCConfig:
+    enabled: bool = True
+    trusted_sealers: Strings = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    enabled: bool = False
+    timeout: Seconds = 10.0
+    tag_header: HostName = "X-Relayproxy-Auth-Warning"
+    spf: AuthSPFConfig = field(default_factory=AuthSPFConfig)
+    dkim: AuthDKIMConfig = field(default_factory=AuthDKIMConfig)
+    dmarc: AuthDMARCConfig = field(default_factory=AuthDMARCConfig)
+    arc: AuthARCConfig = field(default_factory=AuthARCConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +257,7 @@ class Config:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
     scanners: ScannersConfig = field(default_factory=ScannersConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     # the folder of the file it was read from: rule files are relative to it
     base_dir: str = field(default=".", compare=False)
 
@@ -251,20 +299,22 @@ def _key_types(cls: type[Any]) -> dict[str, tuple[Any, msgspec.Meta]]:
     return result
 
 
-# Read off the dataclasses: the sections of Config, and each section's keys. A section whose
-# keys are all tables ([scanners]) is a group: its tables are sections named "group.table".
-_SECTIONS: dict[str, type[Any]] = {}
-_GROUPS: set[str] = set()
-for _name, _hint in get_type_hints(Config).items():
-    if not (isinstance(_hint, type) and is_dataclass(_hint)):
-        continue
-    _subs = get_type_hints(_hint)
-    if _subs and all(isinstance(t, type) and is_dataclass(t) for t in _subs.values()):
-        _GROUPS.add(_name)
-        _SECTIONS.update({f"{_name}.{sub}": t for sub, t in _subs.items()})
-    else:
-        _SECTIONS[_name] = _hint
-_KEYS = {name: _key_types(cls) for name, cls in _SECTIONS.items()}
+def _sections(cls: type[Any], prefix: str = "") -> dict[str, type[Any]]:
+    """The sections of cls by dotted name: a section's dataclass-typed keys are subsections
+    (TOML's [auth.spf] is the table spf inside the table auth)."""
+    found: dict[str, type[Any]] = {}
+    for name, hint in get_type_hints(cls).items():
+        if isinstance(hint, type) and is_dataclass(hint):
+            found[prefix + name] = hint
+            found.update(_sections(hint, f"{prefix}{name}."))
+    return found
+
+
+# Read off the dataclasses: the sections of Config, and each section's keys.
+_SECTIONS: dict[str, type[Any]] = _sections(Config)
+_KEYS = {name: {key: kind for key, kind in _key_types(cls).items()
+                if f"{name}.{key}" not in _SECTIONS}
+         for name, cls in _SECTIONS.items()}
 _KINDS: dict[Any, str] = {int: "an integer", float: "a number", str: "a string",
                           bool: "true or false"}
 
@@ -297,49 +347,67 @@ def _written_form(value: Any, key: str, kind: Any, meta: msgspec.Meta) -> Any:
     raise ConfigError(f"{key}: expected {_expected(kind, meta)}, got {value!r}")
 
 
-def _written_forms(data: dict[str, Any], group: str = "") -> dict[str, Any]:
+def _written_forms(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     # msgspec takes unknown keys silently when decoding into a dataclass: they are checked here
     result = {}
     for name, table in data.items():
-        if not group and name in _GROUPS:
-            if not isinstance(table, dict):
-                raise ConfigError(f"{name}: expected a table, got {table!r}")
-            result[name] = _written_forms(table, name)
-            continue
-        # a group's tables only inside it: a quoted ["scanners.clamd"] is no section
-        keys = _KEYS.get(f"{group}.{name}") if group else (
-            None if "." in name else _KEYS.get(name))
-        if group:
-            name = f"{group}.{name}"
+        section = prefix + name
+        # a subsection only inside its table: a quoted ["scanners.clamd"] is no section
+        keys = None if "." in name else _KEYS.get(section)
         if keys is None:
-            known = [k for k in _KEYS if k.startswith(f"{group}.")] if group else [
-                *(k for k in _KEYS if "." not in k), *_GROUPS]
-            raise ConfigError(f"{name}: unknown section (known: {', '.join(known)})")
+            known = ", ".join(k for k in _KEYS if k.count(".") == prefix.count("."))
+            raise ConfigError(f"{section}: unknown section (known: {known})")
         if not isinstance(table, dict):
-            raise ConfigError(f"{name}: expected a table, got {table!r}")
-        unknown = next((key for key in table if key not in keys), None)
+            raise ConfigError(f"{section}: expected a table, got {table!r}")
+        subsections = {key: value for key, value in table.items()
+                       if f"{section}.{key}" in _SECTIONS}
+        unknown = next((key for key in table if key not in keys and key not in subsections),
+                       None)
         if unknown is not None:
             close = difflib.get_close_matches(unknown, keys, n=1)
-            raise ConfigError(f"{name}.{unknown}: unknown key"
+            raise ConfigError(f"{section}.{unknown}: unknown key"
                               + (f" (did you mean {close[0]}?)" if close else ""))
-        result[name.rpartition(".")[2]] = {
-            key: _written_form(value, f"{name}.{key}", *keys[key]) for key, value in table.items()}
+        result[name] = {key: _written_form(value, f"{section}.{key}", *keys[key])
+                        for key, value in table.items() if key not in subsections}
+        result[name].update(_written_forms(subsections, f"{section}."))
     return result
 
 
 def _config_error(exc: msgspec.ValidationError, data: dict[str, Any]) -> ConfigError:
     # "... - at `$.server.listen[0]`" is about the key server.listen: show it as written
     where = str(exc).rpartition(" - at `$.")[2]
-    parts = where.rstrip("`").split("[")[0].split(".")
-    if parts[0] in _GROUPS:  # [scanners.clamd] timeout: the section is "scanners.clamd"
-        parts = [f"{parts[0]}.{parts[1]}", *parts[2:]]
-        data = {parts[0]: data[parts[0].split(".")[0]][parts[0].split(".")[1]]}
-    section, key = parts[:2]
+    *path, key = where.rstrip("`").split("[")[0].split(".")
+    section = ".".join(path)
+    while section not in _KEYS or key not in _KEYS[section]:
+        # a path into a key's value ($.auth.spf.fail): the key is the last known prefix
+        path, key = path[:-1], path[-1]
+        section = ".".join(path)
+    table: Any = data
+    for part in path:
+        table = table[part]
     expected = _expected(*_KEYS[section][key])
-    return ConfigError(f"{section}.{key}: expected {expected}, got {data[section][key]!r}")
+    return ConfigError(f"{section}.{key}: expected {expected}, got {table[key]!r}")
+
+
+def _nested(data: dict[str, Any]) -> dict[str, Any]:
+    """{"auth.spf": {...}} as {"auth": {"spf": {...}}}: a subsection may be named whole."""
+    result: dict[str, Any] = {}
+    for name, table in data.items():
+        if "." in name and name in _SECTIONS:
+            parent, _, child = name.rpartition(".")
+            holder: dict[str, Any] = result
+            for part in parent.split("."):
+                holder = holder.setdefault(part, {})
+            holder[child] = table
+        elif isinstance(table, dict):
+            result.setdefault(name, {}).update(table)
+        else:
+            result[name] = table
+    return result
 
 
 def from_dict(data: dict[str, Any]) -> Config:
+    data = _nested(data)
     try:
         config = msgspec.convert(_written_forms(data), Config)
     except msgspec.ValidationError as exc:
@@ -348,7 +416,18 @@ def from_dict(data: dict[str, Any]) -> Config:
     accept = _domains(server.accept_domains, "server.accept_domains")
     config = replace(config, server=replace(server, accept_domains=accept))
     _check_consistency(config)
+    _check_auth(config.auth)
     return config
+
+
+def _check_auth(auth: AuthConfig) -> None:
+    for item in auth.dmarc.trusted_forwarders:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"auth.dmarc.trusted_forwarders: {item!r} is not an address "
+                              "or network") from None
+    _domains(auth.arc.trusted_sealers, "auth.arc.trusted_sealers")
 
 
 def _domains(items: Iterable[str], key: str) -> tuple[str, ...]:
@@ -431,5 +510,6 @@ def defaults_table() -> dict[str, dict[str, Any]]:
     result: dict[str, dict[str, Any]] = {}
     for name, cls in _SECTIONS.items():
         instance = cls()
-        result[name] = {f.name: getattr(instance, f.name) for f in fields(cls)}
+        result[name] = {f.name: getattr(instance, f.name) for f in fields(cls)
+                        if f.name in _KEYS[name]}
     return result

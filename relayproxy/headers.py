@@ -198,6 +198,11 @@ class HeaderSection:
         # later prepends go above earlier ones, as each hop's trace fields do
         self._prepended.insert(0, field)
 
+    def replace_prepended(self, old: bytes, new: bytes) -> None:
+        """Put new where the prepended field old is (a result field that learnt more)."""
+        self._check_open()
+        self._prepended[self._prepended.index(old)] = new
+
     @property
     def prepended(self) -> tuple[bytes, ...]:
         return tuple(self._prepended)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from . import dns as rdns
 from . import metrics
+from .auth.results import AuthResults
 from .checks import Envelope, MessageInfo, Pipeline, SessionInfo
 from .config import Config, StateConfig
 from .dotreader import Unstuffer, stuff
@@ -37,6 +38,7 @@ class Result:
     added_headers: list[str] = field(default_factory=list)
     # the content scanners' results as on the transaction log line (clamd=..., rspamd_score=..)
     scanners: dict[str, str] = field(default_factory=dict)
+    auth: list[str] = field(default_factory=list)  # the authentication results ([auth])
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "rules": [asdict(r) for r in self.rules]}, indent=2)
@@ -49,6 +51,7 @@ class Result:
                          f"{r.score:g}")
         for address, reply in self.recipients.items():
             lines.append(f"RCPT <{address}>: {reply}")
+        lines += [f"auth: {clause}" for clause in self.auth]
         lines += [f"added header: {h}" for h in self.added_headers]
         lines += [f"scanner {k}: {v}" for k, v in self.scanners.items()]
         lines.append(f"score: {self.score:g}")
@@ -90,7 +93,10 @@ async def run(config: Config, client_ip: str, helo: str, sender: str,
             return result(stage, for_verdict(verdict))
     envelope = Envelope(sender)
     if (verdict := await pipeline.mail(session, envelope)) is not None:
-        return result("mail", for_verdict(verdict), envelope)
+        out = result("mail", for_verdict(verdict), envelope)
+        auth = envelope.facts.get("auth")
+        out.auth = auth.methods() if isinstance(auth, AuthResults) else []
+        return out
     replies: dict[str, str] = {}
     for address in recipients:
         verdict = await pipeline.rcpt(session, envelope, address)
@@ -135,9 +141,11 @@ async def _data(pipeline: Pipeline, session: SessionInfo, envelope: Envelope,
     added = [h.decode("utf-8", "replace").rstrip("\r\n") for h in headers.prepended]
     scanners = {k: v for k, v in envelope.log_fields.items()
                 if k.partition("_")[0] in metrics.SCANNERS}
+    auth = envelope.facts.get("auth")
     return Result(_verdict_word(reply), str(reply), "data", score,
                   rules.trace_of(session) if rules else [], added_headers=added,
-                  scanners=scanners)
+                  scanners=scanners,
+                  auth=auth.methods() if isinstance(auth, AuthResults) else [])
 
 
 def run_sync(config: Config, client_ip: str, helo: str, sender: str,

@@ -15,6 +15,7 @@ from pathlib import Path
 import dns.asyncresolver
 
 from . import metrics
+from .auth.check import AuthCheck
 from .checks import AcceptDomains, Check, MessageFormat, MessageSize, Pipeline, RecipientLimit
 from .config import Config, ConfigError
 from .dns import ClientNames
@@ -95,6 +96,14 @@ def _count_hit(limit: Limit, enforced: bool) -> None:
     metrics.RULE_HITS.labels(limit.name, limit.action if enforced else "monitor").inc()
 
 
+def auth_checks(config: Config, services: Services) -> list[Check]:
+    """SPF, DKIM, DMARC and ARC ([auth]); before the rules, which read their results."""
+    if not config.auth.enabled:
+        return []
+    return [AuthCheck(config.auth, services.resolver, config.server.hostname,
+                      config.server.hold_bytes)]
+
+
 def build_pipeline(config: Config, services: Services, trace: bool = False) -> Pipeline:
     server = config.server
     return Pipeline(
@@ -103,6 +112,7 @@ def build_pipeline(config: Config, services: Services, trace: bool = False) -> P
             RecipientLimit(server.max_recipients),
             MessageSize(server.max_message_size),
             MessageFormat(),
+            *auth_checks(config, services),
             *policy_checks(config, services, trace),
             # after the rules: the rules' header edits are part of what they scan, and their
             # results are in Envelope.facts for the rules at the end of data (observers end

@@ -127,8 +127,8 @@ def _readme_rows() -> list[str]:
 
 
 # A config reference row starts with the key: | `section.key` | default | meaning |
-# (a table of a group: | `scanners.clamd.key` |, section "scanners.clamd")
-_KEY_CELL = re.compile(r"^`?([a-z_]+(?:\.[a-z_]+)?)\.([a-z_]+)`?$")
+# (subsections too: `auth.spf.fail` is key fail of section auth.spf)
+_KEY_CELL = re.compile(r"^`?([a-z_.]+)\.([a-z_]+)`?$")
 
 
 def _first_cell_key(row: str) -> tuple[str, str] | None:

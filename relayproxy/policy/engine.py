@@ -263,6 +263,7 @@ class RulesCheck(Check):
                 facts.sender, facts.recipients, facts.headers = None, (), None
                 facts.size, facts.body, facts.attachments, facts.part_types = 0, "", (), ()
                 facts._folded, facts.body_seen = None, {}
+                facts.auth, facts.scans = None, {}
         assert isinstance(tx, _TxState)
         return tx
 
@@ -469,6 +470,7 @@ class RulesCheck(Check):
         if self.waits[Stage.MAIL]:
             await self._wait(session, s, Stage.MAIL, facts)
         facts.sender = envelope.sender
+        facts.auth = envelope.facts.get("auth")
         verdict, accept = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
                                     tx.headers)
         accepted = self._accept(accept, s, tx)
@@ -502,6 +504,7 @@ class RulesCheck(Check):
         if self.waits[Stage.RCPT]:
             await self._wait(session, s, Stage.RCPT, facts)
         facts.sender, facts.recipient = envelope.sender, recipient
+        facts.auth = envelope.facts.get("auth")
         facts.recipients = envelope.recipients
         scores = tx.scores.copy()  # a recipient's rules decide for that recipient only
         hits: list[str] = []
@@ -555,6 +558,7 @@ class RulesCheck(Check):
         facts.sender = envelope.sender
         facts.recipients = envelope.recipients
         facts.headers = headers
+        facts.auth = envelope.facts.get("auth")  # relayproxy.auth: the results so far
 
     async def on_data_end(
         self, session: SessionInfo, envelope: Envelope, message: MessageInfo

@@ -84,6 +84,14 @@ class Match(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     rspamd_score_over: float | None = None
     rspamd_symbol: str | list[str] | None = None
     spamd_score_over: float | None = None
+    # sender authentication ([auth]): RFC 8601 results, and the domains they are about
+    spf: str | list[str] | None = None
+    spf_domain: str | list[str] | None = None
+    dkim: str | list[str] | None = None
+    dkim_domain: str | list[str] | None = None
+    dmarc: str | list[str] | None = None
+    dmarc_domain: str | list[str] | None = None
+    arc: str | list[str] | None = None
     any: list[Match] | None = None
     not_: Match | None = msgspec.field(name="not", default=None)
 
@@ -137,6 +145,7 @@ class Facts:
     # the transaction's Envelope.facts: the content scanners' results (ScanResult, by
     # relayproxy.scanners.result_key), known at the end of data
     scans: Mapping[str, Any] = field(default_factory=dict)
+    auth: Any = None  # relayproxy.auth.results.AuthResults ([auth] on), else None
 
     def folded_body(self) -> str:
         """The body case-folded once, for every body rule's prefilter."""
@@ -427,6 +436,7 @@ class _Builder:
                 add(f"{scanner}_score_over", Stage.DATA, _score_over(scanner, over))
         if m.rspamd_symbol is not None:
             add("rspamd_symbol", Stage.DATA, _symbol_test(frozenset(_as_list(m.rspamd_symbol))))
+        self._auth(m, prefix, add)
         tests = [c.test for c in found]
         if m.any is not None:
             branches = [self.compile(sub, f"{prefix}any[{i}].") for i, sub in enumerate(m.any)]
@@ -439,6 +449,64 @@ class _Builder:
             tests.append(_not(inner))
             found += cs
         return _combine(tests, False), found
+
+
+    def _auth(self, m: Match, prefix: str, add: Callable[..., None]) -> None:
+        """The authentication conditions: a result not computed (auth off, an ARC chain on
+        a message too big to hold) matches nothing."""
+        def results(key: str, value: str | list[str]) -> frozenset[str]:
+            words = frozenset(w.lower() for w in _as_list(value))
+            bad = sorted(words - _AUTH_RESULTS)
+            if bad:
+                raise RuleError(f"{self.key(prefix + key)}: unknown result {bad[0]!r} "
+                                f"(one of {', '.join(sorted(_AUTH_RESULTS))})")
+            return words
+
+        def domains(key: str, value: str | list[str]) -> Callable[[str], bool]:
+            exact, suffixes = _domains(_as_list(value), self.key(prefix + key))
+            return lambda d: bool(d) and (d in exact or d.endswith(suffixes))
+
+        if m.spf is not None:
+            spf = results("spf", m.spf)
+            add("spf", Stage.MAIL, lambda f: _spf(f) is not None and _spf(f).result in spf)
+        if m.spf_domain is not None:
+            in_spf = domains("spf_domain", m.spf_domain)
+            add("spf_domain", Stage.MAIL,
+                lambda f: _spf(f) is not None and in_spf(_spf(f).domain))
+        if m.dkim is not None:
+            dkim = results("dkim", m.dkim)
+
+            def dkim_test(f: Facts) -> Tri:
+                found = f.auth.dkim if f.auth is not None else None
+                if found is None:
+                    return False
+                return any(r.result in dkim for r in found) or ("none" in dkim and not found)
+
+            add("dkim", Stage.DATA, dkim_test)
+        if m.dkim_domain is not None:
+            in_dkim = domains("dkim_domain", m.dkim_domain)
+            add("dkim_domain", Stage.DATA, lambda f: f.auth is not None and any(
+                r.result == "pass" and in_dkim(r.domain) for r in f.auth.dkim or ()))
+        if m.dmarc is not None:
+            dmarc = results("dmarc", m.dmarc)
+            add("dmarc", Stage.DATA, lambda f: f.auth is not None and f.auth.dmarc is not None
+                and f.auth.dmarc.result in dmarc)
+        if m.dmarc_domain is not None:
+            in_from = domains("dmarc_domain", m.dmarc_domain)
+            add("dmarc_domain", Stage.DATA, lambda f: f.auth is not None
+                and f.auth.dmarc is not None and in_from(f.auth.dmarc.domain))
+        if m.arc is not None:
+            arc = results("arc", m.arc)
+            add("arc", Stage.DATA, lambda f: f.auth is not None and f.auth.arc is not None
+                and f.auth.arc.result in arc)
+
+
+_AUTH_RESULTS = frozenset(("pass", "fail", "softfail", "neutral", "none", "temperror",
+                           "permerror", "policy"))
+
+
+def _spf(f: Facts) -> Any:
+    return f.auth.spf if f.auth is not None else None
 
 
 # ---------------------------------------------------------------------- compiled rules

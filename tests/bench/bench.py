@@ -19,7 +19,17 @@ to --out.
 Hidden option ``--proxy-cmd 'CMD'`` replaces the relayproxy command line (e.g. to benchmark
 /work/shared/bench/ref_proxy.py as a stand-in). CMD is split with shlex and started without a
 shell, so the sampled PID is the proxy itself. Placeholders: {port} {sink_host} {sink_port}
-{config} {config_observer} {config_rules} {config_scanners} {python}.
+{config} {config_observer} {config_rules} {config_scanners} {config_auth} {python}.
+
+Workload w1s (issue 7) sends one DKIM-signed (rsa-2048) 4 KB message from 20 threads; it needs
+dkimpy (the proxy's own dependency: run bench.py with the project's .venv) and dnsmasq, which
+serves bench.test's SPF, DMARC and DKIM records to {config_auth} (the generated config plus
+[dns] on that dnsmasq and [auth] enabled; {config_auth_bare} has the four methods disabled,
+which leaves what the check costs around them: the held window, the header section parsed,
+forged fields looked for, the Authentication-Results field):
+
+    .venv/bin/python tests/bench/bench.py --workloads w1s --reps 3 \
+        --variant 'auth={python} -m relayproxy run -c {config_auth}'
 
 ``--variant NAME=CMD`` (repeatable) adds another proxy to the same run, e.g. an older checkout
 or the proxy with a no-op body observer ({config_observer}: the generated config plus
@@ -104,6 +114,9 @@ WORKLOADS: dict[str, Workload] = {
         Workload("lat", "lat: probe 4 KB, c=1", "probe", 200, 1, 4096, 120.0),
         # the peer harness's w4_5rcpt_c20 (../shared/bench/peer_bench.sh); not in the default set
         Workload("e", "e: 4 KB, 5 rcpts, c=20", "smtp-source", 2000, 20, 4096, 120.0, rcpts=5),
+        # issue 7's w1: 4 KB, c=20, every message DKIM-signed (rsa-2048) by bench.test, whose
+        # SPF and DMARC records a dnsmasq started by this script serves; not in the default set
+        Workload("w1s", "w1s: 4 KB DKIM-signed, c=20", "signed", 2000, 20, 4096, 120.0),
     )
 }
 DEFAULT_WORKLOADS = "a,b,c,d,lat"
@@ -303,8 +316,15 @@ def bench_rules(count: int = 50) -> str:
 
 
 def proxy_toml(listen_port: int, sink_port: int, checks: tuple[str, ...] = (),
-               rules: tuple[str, ...] = ()) -> str:
+               rules: tuple[str, ...] = (), auth_dns: int = 0, auth_bare: bool = False) -> str:
     plugins = ""
+    if auth_dns:
+        # SPF, DKIM and DMARC against the script's dnsmasq; the defaults otherwise
+        plugins += (f'\n[dns]\nnameservers = ["{HOST}:{auth_dns}"]\n'
+                    "\n[auth]\nenabled = true\n")
+        if auth_bare:  # the check's frame only: held window, forged fields removed, A-R
+            plugins += "".join(f"[auth.{m}]\nenabled = false\n"
+                               for m in ("spf", "dkim", "dmarc", "arc"))
     if checks:  # only then: older relayproxy versions reject an unknown [plugins] section
         plugins = "\n[plugins]\nchecks = [" + ", ".join(json.dumps(c) for c in checks) + "]\n"
     if rules:
@@ -366,6 +386,13 @@ class Proxy:
         self.config_scanners = workdir / f"{stem}-scanners.toml"
         self.config_scanners.write_text(proxy_toml(self.port, sink_port) + "\n" + (
             Path(args.scanners).read_text() if args.scanners else ""))
+        # {config_auth}: the same config with [auth] on and [dns] on the script's dnsmasq
+        self.config_auth = workdir / f"{stem}-auth.toml"
+        self.config_auth.write_text(proxy_toml(self.port, sink_port,
+                                               auth_dns=getattr(args, "dns_port", 0)))
+        self.config_auth_bare = workdir / f"{stem}-auth-bare.toml"
+        self.config_auth_bare.write_text(proxy_toml(
+            self.port, sink_port, auth_dns=getattr(args, "dns_port", 0), auth_bare=True))
         self.log = workdir / ("proxy.log" if name == "proxy" else f"proxy-{name}.log")
         if cmd:
             self.argv = shlex.split(
@@ -377,6 +404,8 @@ class Proxy:
                     config_observer=self.config_observer,
                     config_rules=self.config_rules,
                     config_scanners=self.config_scanners,
+                    config_auth=self.config_auth,
+                    config_auth_bare=self.config_auth_bare,
                     python=args.python,
                 )
             )
@@ -534,6 +563,101 @@ def run_probe(port: int, wl: Workload, msgs: int, timeout: float, res: RunResult
     res.mean_ms, res.max_ms = statistics.fmean(lat) * 1000, lat[-1] * 1000
 
 
+def signed_message(size: int) -> tuple[bytes, str]:
+    """(the wire form of a DKIM-signed message of `size` payload bytes, with the final dot;
+    the key's TXT record). Needs dkimpy and openssl: only workload w1s uses them."""
+    import dkim  # the proxy's dependency, not the script's: imported only when asked for
+
+    pem = subprocess.run(["openssl", "genrsa", "-traditional", "2048"], check=True,
+                         capture_output=True).stdout
+    der = subprocess.run(["openssl", "rsa", "-pubout", "-outform", "DER"], input=pem,
+                         check=True, capture_output=True).stdout
+    import base64
+
+    record = "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+    hdr = (f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nSubject: bench signed\r\n"
+           f"Date: Wed, 02 Dec 2026 03:00:00 +0000\r\nMessage-ID: <signed@{HELO}>\r\n\r\n"
+           ).encode()
+    line = b"X" * 78 + b"\r\n"
+    message = hdr + line * (size // len(line))
+    sig = dkim.sign(message, b"bench", HELO.encode(), pem,
+                    include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+    return sig + message + b".\r\n", record
+
+
+@contextlib.contextmanager
+def auth_dns(workdir: Path, dkim_record: str) -> Iterator[int]:
+    """dnsmasq on a free loopback port with bench.test's SPF, DMARC and DKIM records, kept
+    300 s in the proxy's cache as a real zone's would be."""
+    port = free_port()
+    # a TXT string holds 255 octets: the 2048-bit key is given as several (dnsmasq: commas)
+    key = ",".join(dkim_record[i : i + 250] for i in range(0, len(dkim_record), 250))
+    argv = [shutil.which("dnsmasq") or "/usr/sbin/dnsmasq", "--keep-in-foreground",
+            "--pid-file=", f"--port={port}", f"--listen-address={HOST}", "--bind-interfaces",
+            "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--local=/#/",
+            "--local-ttl=300", f"--txt-record={HELO},v=spf1 ip4:127.0.0.0/8 -all",
+            f"--txt-record=_dmarc.{HELO},v=DMARC1; p=reject",
+            f"--txt-record=bench._domainkey.{HELO},{key}"]
+    child = Child("dnsmasq", argv, workdir / "dnsmasq.log")
+    # a TXT query for bench.test, by hand (the script uses only the standard library)
+    query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"".join(
+        bytes([len(label)]) + label.encode() for label in HELO.split(".")) + b"\x00\x00\x10\x00\x01"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.settimeout(0.2)
+            for _ in range(50):
+                if not child.alive():
+                    raise SystemExit(f"dnsmasq did not start:\n{child.log_tail()}")
+                probe.sendto(query, (HOST, port))
+                try:
+                    if probe.recv(512)[:2] == b"\x12\x34":
+                        break
+                except OSError:
+                    continue
+            else:
+                raise SystemExit(f"dnsmasq did not answer on {HOST}:{port}")
+        yield port
+    finally:
+        child.stop()
+
+
+def run_signed(port: int, wl: Workload, msgs: int, timeout: float, body: bytes,
+               res: RunResult) -> None:
+    """msgs sessions of the pre-signed message, wl.conc at a time (threads, blocking sockets)."""
+    res.cmd = f"bench.py signed: {msgs} sessions, c={wl.conc}, {len(body)} B signed message"
+    left = [msgs]
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + timeout
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if left[0] <= 0 or errors:
+                    return
+                left[0] -= 1
+            if time.monotonic() > deadline:
+                errors.append(f"timeout after {timeout:.0f} s")
+                return
+            try:
+                probe_session(port, body, op_timeout=30.0)
+            except (OSError, SmtpReplyError) as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                return
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(wl.conc)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        res.error = errors[0]
+        return
+    res.ok, res.wall_s, res.msg_s = True, wall, msgs / wall
+
+
 # ------------------------------------------------------------------------------ one run
 
 
@@ -569,6 +693,8 @@ def run_one(
     try:
         if wl.gen == "probe":
             run_probe(port, wl, msgs, timeout, res)
+        elif wl.gen == "signed":
+            run_signed(port, wl, msgs, timeout, args.signed_body, res)
         else:
             run_smtp_source(tool, port, wl, msgs, timeout, res)
     finally:
@@ -1000,8 +1126,12 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": {k: asdict(WORKLOADS[k]) for k in args.keys},
     }
     ok = False
+    stack = contextlib.ExitStack()
     try:
-        with sink_process(workdir) as (sink, sink_port):
+        if "w1s" in args.keys:
+            args.signed_body, record = signed_message(WORKLOADS["w1s"].size)
+            args.dns_port = stack.enter_context(auth_dns(workdir, record))
+        with stack, sink_process(workdir) as (sink, sink_port):
             proxies: dict[str, Proxy] = {}
             try:
                 proxies["proxy"] = Proxy(args, workdir, sink_port, cmd=args.proxy_cmd)

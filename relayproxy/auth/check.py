@@ -1,0 +1,375 @@
+"""The authentication check: SPF at MAIL, DKIM/ARC/DMARC while the message streams and at
+its end, the Authentication-Results field on top, and the replies their policies call for.
+
+  MAIL       SPF (MAIL FROM, or HELO for the null sender). fail is refused 550 5.7.23 unless
+             the domain publishes DMARC (then DMARC decides at the end of data); temperror
+             451 4.7.24; each result's action is in [auth.spf].
+  headers    forged Authentication-Results (our authserv-id) removed; the DKIM signatures
+             parsed and their keys, the DMARC record and the ARC keys fetched in the
+             background; a first Authentication-Results with what is known (SPF) prepended.
+  body       each signature's body hash, chunk by chunk; the body kept for ARC while the
+             message still fits the held window (server.hold_bytes).
+  end        DKIM, ARC, DMARC; the field replaced by the full one while the header section
+             is still held; DMARC's policy decides (550 5.7.1 for reject).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Any
+
+import dns.asyncresolver
+
+from .. import metrics
+from ..checks.base import BodyObserver, Check, Envelope, MessageInfo, Need, SessionInfo
+from ..config import AuthConfig
+from ..headers import HeaderField, HeaderSection
+from ..policy.verdict import Verdict
+from . import arc as arcmod
+from . import dmarc as dmarcmod
+from . import spf as spfmod
+from .dkim import Verifier
+from .lookup import TempDNSError, cached_txt, txt
+from .results import AuthResults, aar_authserv_id, authserv_id
+
+log = logging.getLogger("relayproxy.auth")
+
+KEY = "auth"  # in Envelope.facts: the transaction's AuthResults
+_STATE = "auth.state"
+
+
+_COUNTERS = {(m, r): metrics.AUTH_RESULTS.labels(m, r)
+             for m in metrics.AUTH_METHODS for r in metrics.AUTH_RESULT_VALUES}
+
+
+def _count(method: str, result: str) -> None:
+    counter = _COUNTERS.get((method, result))
+    if counter is not None:
+        counter.inc()
+
+
+class _Tx:
+    """One transaction's work in progress."""
+
+    def __init__(self) -> None:
+        self.results = AuthResults()
+        self.spf_deferred = False  # SPF fail left to DMARC
+        self.verifier: Verifier | None = None
+        self.lookups: dict[str, asyncio.Task[list[bytes]]] = {}
+        self.known: dict[str, list[bytes]] = {}  # answered from the resolver's cache
+        self.dmarc_record: asyncio.Task[dmarcmod.Record | None] | None = None
+        self.dmarc_known = False  # the record came from the resolver's cache: dmarc_cached
+        self.dmarc_cached: dmarcmod.Record | None = None
+        self.from_domain: str | None = None
+        self.from_count = 0
+        self.arc_header: bytes | None = None  # the header section, when there is a chain
+        self.arc_fields: list[tuple[bytes, bytes]] = []
+        self.field: bytes | None = None  # our Authentication-Results, as prepended
+
+    def cancel(self) -> None:
+        for task in self.lookups.values():
+            task.cancel()
+        if self.dmarc_record is not None:
+            self.dmarc_record.cancel()
+
+
+class AuthCheck(Check):
+    name = "auth"
+    needs = frozenset({Need.HEADERS, Need.BODY, Need.END_HEADERS})
+    instant = True  # every DNS wait is bounded by auth.timeout
+
+    def __init__(self, config: AuthConfig, resolver: dns.asyncresolver.Resolver,
+                 hostname: str, hold_bytes: int) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.hostname = hostname
+        self.authserv = hostname.lower()
+        self.hold_bytes = hold_bytes
+        self.forwarders = tuple(ipaddress.ip_network(n, strict=False)
+                                for n in config.dmarc.trusted_forwarders)
+        self.sealers = frozenset(d.lower().rstrip(".") for d in config.arc.trusted_sealers)
+
+    # ------------------------------------------------------------------ state
+
+    def _tx(self, envelope: Envelope) -> _Tx:
+        tx = envelope.facts.get(_STATE)
+        if not isinstance(tx, _Tx):
+            tx = envelope.facts[_STATE] = _Tx()
+            envelope.facts[KEY] = tx.results
+        return tx
+
+    def _log(self, envelope: Envelope, tx: _Tx) -> None:
+        envelope.log_fields.update(tx.results.log_fields())
+
+    # ------------------------------------------------------------------ MAIL: SPF
+
+    async def on_mail(self, session: SessionInfo, envelope: Envelope) -> Verdict | None:
+        tx = self._tx(envelope)
+        if not self.config.spf.enabled:
+            return None
+        result = await spfmod.check(self.resolver, session.client_ip, envelope.sender,
+                                    session.helo, self.hostname, self.config.timeout)
+        tx.results.spf = result
+        _count("spf", result.result)
+        self._log(envelope, tx)
+        action = getattr(self.config.spf, result.result, "ignore")
+        if action == "reject" and result.result == "fail" and self.config.dmarc.enabled:
+            # a domain with DMARC has said how to treat unauthenticated mail: its policy
+            # decides at the end of data, where an aligned DKIM signature can still pass
+            try:
+                async with asyncio.timeout(self.config.timeout):
+                    record = await dmarcmod.find_record(self.resolver, result.domain)
+            except (TempDNSError, TimeoutError):
+                record = None
+            if record is not None:
+                tx.spf_deferred = True
+                tx.results.notes.append("spf_fail_left_to_dmarc")
+                self._log(envelope, tx)
+                return None
+        if action == "reject":
+            text = result.explanation or "SPF check failed"
+            return Verdict.reject(f"SPF {result.result} for {result.domain}: "
+                                  f"{_printable(text)}", 550, "5.7.23", source="auth",
+                                  check="spf")
+        if action == "tempfail":
+            return Verdict.tempfail(f"SPF {result.result} for {result.domain}, try again "
+                                    "later", 451, "4.7.24", source="auth", check="spf")
+        if action == "tag":
+            tx.results.notes.append(f"spf={result.result}")
+        return None
+
+    # ------------------------------------------------------------------ the header section
+
+    async def on_headers(self, session: SessionInfo, envelope: Envelope,
+                         headers: HeaderSection) -> Verdict | None:
+        tx = self._tx(envelope)
+        cfg = self.config
+        original = b"".join(f.raw for f in headers.fields)  # as it came: what was signed
+        if cfg.dkim.enabled:
+            tx.verifier = Verifier(original, cfg.dkim.max_signatures, cfg.dkim.min_key_bits)
+            for name in tx.verifier.key_names:
+                self._fetch(tx, name)
+        froms = [f.value for f in headers.get_lower("from")]
+        tx.from_count = len(froms)
+        tx.from_domain = dmarcmod.from_domain(froms)
+        if cfg.dmarc.enabled and tx.from_domain is not None:
+            known, record = dmarcmod.cached_record(self.resolver, tx.from_domain)
+            if known:
+                tx.dmarc_known, tx.dmarc_cached = True, record
+            else:
+                tx.dmarc_record = asyncio.ensure_future(
+                    dmarcmod.find_record(self.resolver, tx.from_domain))
+                tx.dmarc_record.add_done_callback(_retrieved)
+        seals: dict[int, str] = {}
+        if cfg.arc.enabled and headers.get_lower("arc-seal"):
+            tx.arc_fields = [(f.name.encode(), f.raw.split(b":", 1)[1]) for f in headers.fields
+                             if f.lname.startswith("arc-")]
+            seals = arcmod.seals(tx.arc_fields)
+            tx.arc_header = original
+            for name in arcmod.key_names(tx.arc_fields):
+                self._fetch(tx, name)
+        self._strip_forged(headers, seals)
+        tx.field = tx.results.field(self.hostname)
+        headers.prepend_raw(tx.field)
+        return None
+
+    def _fetch(self, tx: _Tx, name: str) -> None:
+        if name in tx.lookups or name in tx.known:
+            return
+        known = cached_txt(self.resolver, name)
+        if known is not None:
+            tx.known[name] = known
+            return
+        task = tx.lookups[name] = asyncio.ensure_future(txt(self.resolver, name))
+        task.add_done_callback(_retrieved)
+
+    def _strip_forged(self, headers: HeaderSection, seals: dict[int, str]) -> None:
+        ours = self.authserv
+
+        def forged_ar(f: HeaderField) -> bool:
+            return authserv_id(f.value) == ours
+
+        def forged_aar(f: HeaderField) -> bool:
+            # one the chain covers (an ARC-Seal of its instance) stays: removing it would
+            # break the chain; the chain's verification decides what it is worth
+            instance = arcmod.instance_of(f.value.encode("utf-8", "surrogateescape"))
+            return aar_authserv_id(f.value) == ours and instance not in seals
+
+        headers.remove("Authentication-Results", forged_ar)
+        headers.remove("ARC-Authentication-Results", forged_aar)
+
+    def body_observer(self, session: SessionInfo, envelope: Envelope) -> BodyObserver | None:
+        tx = self._tx(envelope)
+        return _Observer(self, session, envelope, tx)
+
+    # ------------------------------------------------------------------ the end
+
+    async def _keys(self, tx: _Tx) -> dict[str, list[bytes] | None]:
+        keys: dict[str, list[bytes] | None] = dict(tx.known)
+        if not tx.lookups:
+            return keys
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                await asyncio.wait(tx.lookups.values())
+        except TimeoutError:
+            pass
+        for name, task in tx.lookups.items():
+            if task.done() and not task.cancelled() and task.exception() is None:
+                keys[name] = task.result()
+            else:
+                keys[name] = None
+                task.cancel()  # overran auth.timeout: its answer is no longer wanted
+        return keys
+
+    async def finish(self, session: SessionInfo, envelope: Envelope, tx: _Tx,
+                     message: MessageInfo, body: bytes | None) -> Verdict | None:
+        cfg = self.config
+        results = tx.results
+        keys = await self._keys(tx)
+        if tx.verifier is not None:
+            tx.verifier.end()
+            results.dkim = tx.verifier.results(keys)
+            for word in [r.result for r in results.dkim] or ["none"]:
+                _count("dkim", word)
+        if tx.arc_header is not None and body is not None:
+            message_bytes = tx.arc_header + b"\r\n" + body
+            results.arc = arcmod.verify(message_bytes, keys, cfg.dkim.min_key_bits)
+        elif cfg.arc.enabled and tx.arc_header is None:
+            results.arc = arcmod.ARCResult("none")
+        if results.arc is not None:
+            _count("arc", results.arc.result)
+        verdict = await self._dmarc(session, tx)
+        if results.dmarc is not None:
+            _count("dmarc", results.dmarc.result)
+        self._log(envelope, tx)
+        headers = message.headers
+        if headers is not None and not message.headers_sent and tx.field is not None:
+            new = results.field(self.hostname)
+            headers.replace_prepended(tx.field, new)
+            tx.field = new
+            if verdict is None and _tagged(results):
+                headers.prepend(cfg.tag_header, ", ".join(_tagged(results)))
+        return verdict
+
+    async def _dmarc(self, session: SessionInfo, tx: _Tx) -> Verdict | None:
+        cfg = self.config
+        results = tx.results
+        if not cfg.dmarc.enabled:
+            return None
+        if tx.from_domain is None:
+            # RFC 7489 6.6.1: no single author domain, no evaluation; and forgers use that
+            results.dmarc = dmarcmod.DMARCResult("permerror", "")
+            found = ("no From field" if tx.from_count == 0 else
+                     f"{tx.from_count} From fields" if tx.from_count > 1 else
+                     "no single address in From")
+            return Verdict.reject(f"Message must have exactly one From address ({found})",
+                                  550, "5.7.1",
+                                  source="auth", check="dmarc")
+        record: dmarcmod.Record | None = tx.dmarc_cached
+        try:
+            if not tx.dmarc_known:
+                assert tx.dmarc_record is not None
+                async with asyncio.timeout(cfg.timeout):
+                    record = await tx.dmarc_record
+        except (TempDNSError, TimeoutError):
+            results.dmarc = dmarcmod.DMARCResult("temperror", tx.from_domain)
+            return self._act(cfg.dmarc.temperror, results, "temperror",
+                             f"DMARC policy of {tx.from_domain} unavailable")
+        spf = (results.spf.result, results.spf.domain) if results.spf else None
+        dkim = [(r.result, r.domain) for r in results.dkim or []]
+        result = results.dmarc = dmarcmod.evaluate(record, tx.from_domain, spf, dkim)
+        if result.result == "pass" or (result.result == "none"):
+            if tx.spf_deferred and result.result == "none" and results.spf is not None:
+                # no policy after all (the From domain differs): SPF's own fail stands
+                return Verdict.reject(f"SPF fail for {results.spf.domain}: "
+                                      f"{_printable(results.spf.explanation)}", 550, "5.7.23",
+                                      source="auth", check="spf")
+            return None
+        if result.result == "temperror":
+            return self._act(cfg.dmarc.temperror, results, "temperror",
+                             f"DMARC evaluation for {tx.from_domain} failed temporarily")
+        if result.policy == "none":
+            return None
+        if self._override(session, results):
+            return None
+        action = cfg.dmarc.reject if result.policy == "reject" else cfg.dmarc.quarantine
+        return self._act(action, results, f"fail policy={result.policy}",
+                         f"DMARC policy of {tx.from_domain} ({result.policy}) rejects "
+                         "unauthenticated mail")
+
+    def _override(self, session: SessionInfo, results: AuthResults) -> bool:
+        """Local policy over the domain's: trusted forwarders and ARC sealers."""
+        try:
+            addr = ipaddress.ip_address(session.client_ip)
+        except ValueError:
+            addr = None
+        if addr is not None and any(addr in n for n in self.forwarders):
+            results.notes.append("dmarc_override=trusted_forwarder")
+            return True
+        arc = results.arc
+        if arc is not None and arc.result == "pass" and arc.sealer in self.sealers:
+            results.notes.append(f"dmarc_override=arc:{arc.sealer}")
+            return True
+        return False
+
+    def _act(self, action: str, results: AuthResults, note: str, text: str
+             ) -> Verdict | None:
+        if action == "reject":
+            return Verdict.reject(text, 550, "5.7.1", source="auth", check="dmarc")
+        if action == "tempfail":
+            return Verdict.tempfail(text + ", try again later", 451, "4.7.1",
+                                    source="auth", check="dmarc")
+        if action == "tag":
+            results.notes.append(f"dmarc={note}")
+        return None
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A lookup whose message was refused before its end is never awaited: its failure is
+    read here, so asyncio does not report it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _tagged(results: AuthResults) -> list[str]:
+    return [n for n in results.notes if n.startswith(("spf=", "dmarc="))]
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else " " for c in text)[:200]
+
+
+class _Observer(BodyObserver):
+    def __init__(self, check: AuthCheck, session: SessionInfo, envelope: Envelope,
+                 tx: _Tx) -> None:
+        self.check = check
+        self.session = session
+        self.envelope = envelope
+        self.tx = tx
+        # the body, for ARC, while the message may still end within the held window
+        self.body: list[bytes] | None = [] if tx.arc_header is not None else None
+        self.size = 0
+
+    async def feed(self, chunk: bytes) -> None:
+        if self.tx.verifier is not None:
+            self.tx.verifier.feed(chunk)
+        if self.body is not None:
+            self.size += len(chunk)
+            if self.size > self.check.hold_bytes:
+                self.body = None  # too large to verify the chain: no arc result
+            else:
+                self.body.append(chunk)
+
+    async def end(self, message: MessageInfo) -> Verdict | None:
+        body = b"".join(self.body) if self.body is not None else None
+        self.body = None
+        return await self.check.finish(self.session, self.envelope, self.tx, message, body)
+
+    def abort(self) -> None:
+        self.body = None
+        self.tx.cancel()
+
+
+__all__ = ["KEY", "AuthCheck"]
