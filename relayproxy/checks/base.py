@@ -183,6 +183,16 @@ def state_failed(check: str, stage: str, exc: StateUnavailable) -> Verdict | Non
                             check=check)
 
 
+def failure(check: str, stage: str, exc: Exception, deadline: float | None) -> Verdict | None:
+    """The verdict for a check that raised: its deadline passed, shared state is unreachable
+    (state.on_error decides), or anything else (a tempfail, never an internal error)."""
+    if isinstance(exc, TimeoutError) and deadline is not None:
+        return check_failed(check, stage, TimeoutError(f"no verdict within {deadline:g}s"))
+    if isinstance(exc, StateUnavailable):
+        return state_failed(check, stage, exc)
+    return check_failed(check, stage, exc)
+
+
 async def guarded(check: str, stage: str, call: Awaitable[Verdict | None],
                   deadline: float | None) -> Verdict | None:
     """A check's verdict within its deadline; one that raises or overruns tempfails."""
@@ -193,12 +203,8 @@ async def guarded(check: str, stage: str, call: Awaitable[Verdict | None],
             return await call
     except asyncio.CancelledError:
         raise
-    except TimeoutError:
-        return check_failed(check, stage, TimeoutError(f"no verdict within {deadline:g}s"))
-    except StateUnavailable as exc:
-        return state_failed(check, stage, exc)
     except Exception as exc:
-        return check_failed(check, stage, exc)
+        return failure(check, stage, exc, deadline)
 
 
 class Pipeline:
@@ -235,11 +241,9 @@ class Pipeline:
                         verdict = await call
             except asyncio.CancelledError:
                 raise
-            except TimeoutError:
-                verdict = check_failed(check.name, label, TimeoutError(
-                    f"no verdict within {self.deadline:g}s"))
             except Exception as exc:
-                verdict = check_failed(check.name, label, exc)
+                verdict = failure(check.name, label, exc,
+                                  None if check.instant else self.deadline)
             if verdict is not None:
                 return verdict
         return None
