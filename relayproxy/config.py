@@ -363,6 +363,11 @@ def _written_forms(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
                        if f"{section}.{key}" in _SECTIONS}
         unknown = next((key for key in table if key not in keys and key not in subsections),
                        None)
+        if unknown is not None and isinstance(table[unknown], dict) and any(
+                k.startswith(f"{section}.") for k in _SECTIONS):
+            known = ", ".join(k for k in _SECTIONS if k.startswith(f"{section}.")
+                              and k.count(".") == section.count(".") + 1)
+            raise ConfigError(f"{section}.{unknown}: unknown section (known: {known})")
         if unknown is not None:
             close = difflib.get_close_matches(unknown, keys, n=1)
             raise ConfigError(f"{section}.{unknown}: unknown key"
@@ -389,25 +394,7 @@ def _config_error(exc: msgspec.ValidationError, data: dict[str, Any]) -> ConfigE
     return ConfigError(f"{section}.{key}: expected {expected}, got {table[key]!r}")
 
 
-def _nested(data: dict[str, Any]) -> dict[str, Any]:
-    """{"auth.spf": {...}} as {"auth": {"spf": {...}}}: a subsection may be named whole."""
-    result: dict[str, Any] = {}
-    for name, table in data.items():
-        if "." in name and name in _SECTIONS:
-            parent, _, child = name.rpartition(".")
-            holder: dict[str, Any] = result
-            for part in parent.split("."):
-                holder = holder.setdefault(part, {})
-            holder[child] = table
-        elif isinstance(table, dict):
-            result.setdefault(name, {}).update(table)
-        else:
-            result[name] = table
-    return result
-
-
 def from_dict(data: dict[str, Any]) -> Config:
-    data = _nested(data)
     try:
         config = msgspec.convert(_written_forms(data), Config)
     except msgspec.ValidationError as exc:

@@ -219,6 +219,9 @@ class Pipeline:
             stage: tuple(c for c in checks if getattr(type(c), stage) is not getattr(Check, stage))
             for stage in _STAGES
         }
+        # each stage's bound hooks, looked up once
+        self._hooks = {stage: tuple((c, getattr(c, stage)) for c in found)
+                       for stage, found in self._by_stage.items()}
         self.observing = tuple(
             c for c in checks if Need.BODY in c.needs
             and type(c).body_observer is not Check.body_observer
@@ -231,8 +234,8 @@ class Pipeline:
         """Ask the checks that override hook, in order; the first verdict wins. A check that
         raises or overruns the deadline tempfails (see guarded), inline here rather than
         through guarded: two coroutines less per check and stage, on every message."""
-        for check in self._by_stage[hook]:
-            call: Awaitable[Verdict | None] = getattr(check, hook)(*args)
+        for check, bound in self._hooks[hook]:
+            call: Awaitable[Verdict | None] = bound(*args)
             try:
                 if check.instant:  # it never waits, or bounds its own waits: no timer
                     verdict = await call

@@ -245,8 +245,7 @@ class RulesCheck(Check):
         state = session.facts.get(_KEY)
         if state is None:
             state = session.facts[_KEY] = _SessionState(trace=[] if self.trace else None)
-        assert isinstance(state, _SessionState)
-        return state
+        return state  # only this class writes _KEY
 
     def _tx(self, session: SessionInfo, envelope: Envelope) -> _TxState:
         tx = envelope.facts.get(_KEY)
@@ -264,8 +263,7 @@ class RulesCheck(Check):
                 facts.size, facts.body, facts.attachments, facts.part_types = 0, "", (), ()
                 facts._folded, facts.body_seen = None, {}
                 facts.auth, facts.scans = None, {}
-        assert isinstance(tx, _TxState)
-        return tx
+        return tx  # only this class writes _KEY
 
     # facts
 
@@ -433,7 +431,7 @@ class RulesCheck(Check):
             await self._wait(session, s, Stage.CONNECT, facts)
         verdict, accept = self._run(Stage.CONNECT, rules, facts, s, s.connect, s.hits,
                                     s.headers)
-        accepted = self._accept(accept, s, None)
+        accepted = accept is not None and self._accept(accept, s, None)
         verdict = verdict or (None if accepted else self._threshold(s.connect, Stage.CONNECT))
         if verdict is not None and verdict.defer:
             s.pending = _at_rcpt(verdict)
@@ -452,7 +450,7 @@ class RulesCheck(Check):
             await self._wait(session, s, Stage.HELO, facts)
         verdict, accept = self._run(Stage.HELO, rules, facts, s, s.helo, s.helo_hits,
                                     s.helo_headers)
-        if verdict is None and not self._accept(accept, s, None):
+        if verdict is None and not (accept is not None and self._accept(accept, s, None)):
             verdict = self._threshold(s.connect, Stage.HELO, s.helo)
         if verdict is not None and verdict.defer:
             s.helo_pending = _at_rcpt(verdict)
@@ -473,7 +471,7 @@ class RulesCheck(Check):
         facts.auth = envelope.facts.get("auth")
         verdict, accept = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
                                     tx.headers)
-        accepted = self._accept(accept, s, tx)
+        accepted = accept is not None and self._accept(accept, s, tx)
         verdict = verdict or (None if accepted else self._threshold(tx.scores, Stage.MAIL))
         self._log(envelope, tx)
         if verdict is not None and verdict.defer:
@@ -510,7 +508,7 @@ class RulesCheck(Check):
         hits: list[str] = []
         added: list[bytes] = []
         verdict, accept = self._run(Stage.RCPT, rules, facts, s, scores, hits, added)
-        accepted = self._accept(accept, s, tx) if accept is not None else False
+        accepted = accept is not None and self._accept(accept, s, tx)
         verdict = verdict or (None if accepted else self._threshold(scores, Stage.RCPT))
         tx.headers += [h for h in added if h not in tx.headers]  # once, however many match
         tx.hits += [h for h in hits if h not in tx.hits]
@@ -537,7 +535,7 @@ class RulesCheck(Check):
             self._envelope_facts(facts, envelope, headers)
             verdict, accept = self._run(Stage.HEADERS, rules, facts, s, tx.scores,
                                         tx.hits, tx.headers)
-            accepted = self._accept(accept, s, tx)
+            accepted = accept is not None and self._accept(accept, s, tx)
             verdict = verdict or (None if accepted else
                                   self._threshold(tx.scores, Stage.HEADERS))
             self._log(envelope, tx)
@@ -587,7 +585,7 @@ class RulesCheck(Check):
             facts.part_types = [p.content_type for p in mime.parts]
         added: list[bytes] = []
         verdict, accept = self._run(Stage.DATA, rules, facts, s, tx.scores, tx.hits, added)
-        accepted = self._accept(accept, s, tx)
+        accepted = accept is not None and self._accept(accept, s, tx)
         verdict = verdict or (None if accepted else self._threshold(tx.scores, Stage.DATA))
         if verdict is None and added and message.headers is not None:
             if message.headers_sent:

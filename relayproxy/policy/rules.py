@@ -404,9 +404,15 @@ class _Builder:
                 gate=(f"header:{name.lower()}", rx.literals) if rx.literals else None)
         if m.header_absent is not None:
             names = tuple(n.lower() for n in _as_list(m.header_absent))
-            add("header_absent", Stage.HEADERS,
-                lambda f: f.headers is not None and any(not f.headers.get_lower(n)
-                                                        for n in names))
+
+            def absent(f: Facts) -> bool:
+                if f.headers is not None:
+                    for name in names:
+                        if not f.headers.get_lower(name):
+                            return True
+                return False
+
+            add("header_absent", Stage.HEADERS, absent)
         if m.body is not None:
             rx = _regex(m.body, self.key(prefix + "body"))
             add("body", Stage.DATA, lambda f: rx.search(f.body, f.folded_body(), f.body_seen),
