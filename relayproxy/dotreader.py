@@ -115,7 +115,14 @@ class DotReader:
 
     def _check(self, content: bytes, after_bare: bool) -> bytes:
         self.size += len(content)
-        if not content or self.failed:
+        if not content:
+            return b""
+        if self.failed:
+            # a bare newline still counts after an overlong line: it decides the reply (a
+            # smuggling attempt is named as one) whichever chunk the long line came in
+            if not (self.bare_newline or self._normalize):
+                crlf = content.count(b"\r\n")
+                self.bare_newline = crlf != content.count(b"\n") or crlf != content.count(b"\r")
             return b""
         crlf = content.count(b"\r\n")
         if crlf != content.count(b"\n") or crlf != content.count(b"\r"):

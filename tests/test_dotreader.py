@@ -477,3 +477,13 @@ def test_unstuffer_gives_the_message_back_in_any_split(
         message += unstuff(forward)
     assert reader.done
     assert message == b"".join(line + b"\r\n" for line in lines)
+
+
+def test_a_bare_newline_after_an_overlong_line_is_still_seen() -> None:
+    # the reply names the smuggling attempt (550 5.6.0), not the long line (500 5.5.2),
+    # whether or not both came in the same chunk
+    for chunks in ([b"x" * 50 + b"\r\n", b"a\rb\r\n"], [b"x" * 50 + b"\r\na\rb\r\n"]):
+        reader = DotReader(40, "reject")
+        for chunk in chunks:
+            reader.feed(chunk)
+        assert reader.failed and reader.bare_newline, chunks
