@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 from . import dns as rdns
 from . import metrics
-from .auth.results import AuthResults
 from .checks import Envelope, MessageInfo, Pipeline, SessionInfo
 from .config import Config, StateConfig
 from .dotreader import Unstuffer, stuff
@@ -59,6 +58,15 @@ class Result:
         return "\n".join(lines)
 
 
+def _auth_methods(auth: object) -> list[str]:
+    """The authentication results as test-message prints them ([] without [auth])."""
+    if auth is None:
+        return []
+    from .auth.results import AuthResults  # imported only when [auth] is on
+
+    return auth.methods() if isinstance(auth, AuthResults) else []
+
+
 def _verdict_word(reply: Reply) -> str:
     return "accept" if reply.code < 400 else "tempfail" if reply.code < 500 else "reject"
 
@@ -95,7 +103,7 @@ async def run(config: Config, client_ip: str, helo: str, sender: str,
     if (verdict := await pipeline.mail(session, envelope)) is not None:
         out = result("mail", for_verdict(verdict), envelope)
         auth = envelope.facts.get("auth")
-        out.auth = auth.methods() if isinstance(auth, AuthResults) else []
+        out.auth = _auth_methods(auth)
         return out
     replies: dict[str, str] = {}
     for address in recipients:
@@ -145,7 +153,7 @@ async def _data(pipeline: Pipeline, session: SessionInfo, envelope: Envelope,
     return Result(_verdict_word(reply), str(reply), "data", score,
                   rules.trace_of(session) if rules else [], added_headers=added,
                   scanners=scanners,
-                  auth=auth.methods() if isinstance(auth, AuthResults) else [])
+                  auth=_auth_methods(auth))
 
 
 def run_sync(config: Config, client_ip: str, helo: str, sender: str,

@@ -15,7 +15,6 @@ from pathlib import Path
 import dns.asyncresolver
 
 from . import metrics
-from .auth.check import AuthCheck
 from .checks import AcceptDomains, Check, MessageFormat, MessageSize, Pipeline, RecipientLimit
 from .config import Config, ConfigError
 from .dns import ClientNames
@@ -100,6 +99,9 @@ def auth_checks(config: Config, services: Services) -> list[Check]:
     """SPF, DKIM, DMARC and ARC ([auth]); before the rules, which read their results."""
     if not config.auth.enabled:
         return []
+    # imported here: pyspf, dkimpy, the Public Suffix List and GMP cost ~10 MB per process
+    from .auth.check import AuthCheck
+
     return [AuthCheck(config.auth, services.resolver, config.server.hostname,
                       config.server.hold_bytes)]
 

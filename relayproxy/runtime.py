@@ -15,7 +15,6 @@ from .dns import ClientNames, make_resolver
 from .downstream import Pool
 from .pipeline import Services, build_pipeline
 from .policy.dnsbl import Dnsbl
-from .policy.redis_store import RedisStore
 from .policy.state import MemoryStore, Store
 
 
@@ -59,6 +58,8 @@ def make_store(config: StateConfig) -> Store:
     memory."""
     if not config.redis_url:
         return MemoryStore()
+    from .policy.redis_store import RedisStore  # the redis package only when it is used
+
     try:
         return RedisStore(config.redis_url, key_prefix=config.key_prefix, timeout=config.timeout,
                           max_connections=config.max_connections, on_error=config.on_error,

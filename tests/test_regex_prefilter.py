@@ -54,3 +54,45 @@ def test_dotless_and_dotted_i_never_hide_a_match() -> None:
     for text in (" v\u0131agra", " V\u0130AGRA"):  # re's (?i)i matches both
         assert re.search("(?i)viagra", padding + text)
         assert Regex("(?i)viagra").search(padding + text), text
+
+
+_LITERALS = ("cheap", "winner", "\u0131i", "stra\u00dfe", "x\u0130y", "ab")
+
+
+_ALPHABET = "abcheapwinner\u0131\u0130iSTRASSE\u00dfxy \n"
+
+
+@given(st.lists(st.text(alphabet=_ALPHABET, max_size=12), max_size=8))
+def test_literals_found_as_the_text_streams_equal_the_whole_text(pieces: list[str]) -> None:
+    """The body prefilter's streamed search (engine._Literals) finds a literal exactly when
+    the folded whole holds it, however the text was cut (a literal across two pieces too)."""
+    from relayproxy.policy.engine import _Literals
+    from relayproxy.policy.regex import fold
+
+    literals = tuple(fold(lit) for lit in _LITERALS)
+    finder = _Literals(literals, max(map(len, literals)) - 1)
+    for piece in pieces:
+        finder.feed(piece)
+    whole = fold("".join(pieces))
+    assert finder.seen() == {fold(lit): fold(lit) in whole for lit in _LITERALS}
+
+
+def test_streamed_literals_cover_a_multipart_text() -> None:
+    """Fed by the MIME scanner (parts joined by a line break, as its text is), every literal
+    of the text is found; one spanning a dropped preamble is found too (never fewer)."""
+    from relayproxy.policy.engine import _Literals
+    from relayproxy.policy.mime import MimeScanner
+    from relayproxy.policy.regex import fold
+
+    body = (b"preamble cheap\r\n--b\r\nContent-Type: text/plain\r\n\r\nwin\r\n--b\r\n"
+            b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            b"bmVyIGxvdHRlcnk=\r\n--b--\r\n")
+    finder = _Literals(("cheap", "winner", "lottery", "win"), 6)
+    scanner = MimeScanner("multipart/mixed; boundary=b", None, 1 << 20, finder.feed)
+    for i in range(0, len(body), 7):
+        scanner.feed(body[i:i + 7])
+    scanner.close()
+    seen = finder.seen()
+    text = fold(scanner.text)
+    assert all(seen[lit] for lit in seen if lit in text), (scanner.text, seen)
+    assert seen["lottery"] and seen["win"]

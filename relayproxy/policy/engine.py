@@ -112,6 +112,7 @@ class _TxState:
     hits: list[str] = field(default_factory=list)
     headers: list[bytes] = field(default_factory=list)
     mime: MimeScanner | None = None
+    literals: _Literals | None = None  # the body rules' literals, looked for as text streams
     logged: tuple[int, float, float] = (0, 0.0, 0.0)  # what _log last wrote
 
 
@@ -153,12 +154,13 @@ class _Plan:
         all of them instead of once per rule."""
         passed: set[int] = set()
         if self.body:
-            folded = facts.folded_body()
-            seen = facts.body_seen  # shared with the body rules that do run
+            # shared with the body rules that do run; filled as the body streamed (the
+            # folded copy of the whole text is made only for a literal still unknown)
+            seen = facts.body_seen
             for literal, gates in self.body:
                 hit = seen.get(literal)
                 if hit is None:
-                    hit = seen[literal] = literal in folded
+                    hit = seen[literal] = literal in facts.folded_body()
                 if hit:
                     passed.update(gates)
         headers = facts.headers
@@ -177,6 +179,43 @@ class _Plan:
         if not passed:
             return self.ungated
         return [r for r, g in zip(self.rules, self.gates, strict=True) if g < 0 or g in passed]
+
+
+class _Literals:
+    """Which of the body rules' literals the decoded text holds, found as it streams by, so
+    that the prefilter needs no folded copy of the whole text (rules.body_scan_bytes per
+    message). Folding goes character by character (regex.fold), so the pieces folded one by
+    one give what the whole would; the last characters of each are kept for a literal that
+    spans two pieces."""
+
+    __slots__ = ("found", "keep", "left", "tail")
+
+    def __init__(self, literals: tuple[str, ...], keep: int) -> None:
+        self.left = literals  # not found yet
+        self.found: tuple[str, ...] = ()
+        self.keep = keep  # the longest literal's length, less one
+        self.tail = ""
+
+    def feed(self, piece: str) -> None:
+        left = self.left
+        if not left:
+            return
+        folded = fold(piece)
+        keep = self.keep
+        edge = self.tail + folded[:keep] if keep else ""
+        for literal in left:
+            if literal in folded or literal in edge:
+                found = tuple(lit for lit in left if lit in folded or lit in edge)
+                self.found += found
+                self.left = tuple(lit for lit in left if lit not in found)
+                break
+        if keep:
+            self.tail = (folded if len(folded) >= keep else self.tail + folded)[-keep:]
+
+    def seen(self) -> dict[str, bool]:
+        seen = dict.fromkeys(self.left, False)
+        seen.update(dict.fromkeys(self.found, True))
+        return seen
 
 
 class _Body(BodyObserver):
@@ -222,6 +261,11 @@ class RulesCheck(Check):
         self.needs_rdns = any(r.needs_rdns for r in ruleset.rules)
         self.needs_country = any(r.needs_country for r in ruleset.rules)
         self.reads_body = any(r.reads_body for r in self.by_stage[Stage.DATA])
+        # the literals the body prefilter looks for, looked for as the text streams (one
+        # with a line break could span the break between two parts: left to the prefilter)
+        self.body_literals = tuple(lit for lit, _ in self.plans[Stage.DATA].body
+                                   if "\n" not in lit)
+        self.literal_keep = max(map(len, self.body_literals), default=1) - 1
         # the decoded text only for body conditions: attachments need just the part headers
         self.text_budget = settings.body_scan_bytes if any(
             r.reads_text for r in self.by_stage[Stage.DATA]) else 0
@@ -258,11 +302,8 @@ class RulesCheck(Check):
             tx = envelope.facts[_KEY] = _TxState(scores, pending=s.pending or s.helo_pending,
                                                  hits=[*s.hits, *s.helo_hits],
                                                  headers=[*s.headers, *s.helo_headers])
-            if (facts := s.facts) is not None:  # what the last transaction left is not known
-                facts.sender, facts.recipients, facts.headers = None, (), None
-                facts.size, facts.body, facts.attachments, facts.part_types = 0, "", (), ()
-                facts._folded, facts.body_seen = None, {}
-                facts.auth, facts.scans = None, {}
+            if s.facts is not None:
+                s.facts.forget_transaction()
         return tx  # only this class writes _KEY
 
     # facts
@@ -525,8 +566,11 @@ class RulesCheck(Check):
         if self.reads_body:
             ctype = headers.get_lower("content-type")
             cte = headers.get_lower("content-transfer-encoding")
+            finder = tx.literals = (_Literals(self.body_literals, self.literal_keep)
+                                    if self.body_literals and self.text_budget else None)
             tx.mime = MimeScanner(ctype[0].value if ctype else None,
-                                  cte[0].value if cte else None, self.text_budget)
+                                  cte[0].value if cte else None, self.text_budget,
+                                  finder.feed if finder is not None else None)
         rules = self.by_stage[Stage.HEADERS]
         if rules and not (s.accepted or tx.accepted or tx.pending):
             facts = self._facts(session, s)
@@ -580,11 +624,14 @@ class RulesCheck(Check):
         if mime is not None:
             mime.close()
             facts.body = mime.text
+            if tx.literals is not None:
+                facts.body_seen = tx.literals.seen()
             facts.attachments = [(name, p.content_type) for p in mime.attachments
                                  for name in (p.names or ("",))]
             facts.part_types = [p.content_type for p in mime.parts]
         added: list[bytes] = []
         verdict, accept = self._run(Stage.DATA, rules, facts, s, tx.scores, tx.hits, added)
+        facts.forget_transaction()
         accepted = accept is not None and self._accept(accept, s, tx)
         verdict = verdict or (None if accepted else self._threshold(tx.scores, Stage.DATA))
         if verdict is None and added and message.headers is not None:

@@ -47,6 +47,7 @@ import encodings.aliases
 import pkgutil
 import re
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
 from email.header import decode_header
@@ -130,7 +131,10 @@ class MimeScanner:
     """
 
     def __init__(self, content_type: str | None, transfer_encoding: str | None,
-                 text_budget: int) -> None:
+                 text_budget: int, on_text: Callable[[str], None] | None = None) -> None:
+        # on_text: given the decoded text as it comes, a "\n" between parts as in `text` (a
+        # part found later to be no text, a preamble, was given all the same)
+        self._on_text = on_text
         self._buf = bytearray()
         self._frames: list[_Frame] = []  # enclosing multiparts, outermost first
         self._parts: list[Part] = []
@@ -386,7 +390,9 @@ class MimeScanner:
     def _new_text(self, transfer: _Transfer, charset: str | None) -> _Text | None:
         if self._room <= 0:
             return None
-        text = _Text(transfer, charset)
+        if self._on_text is not None and self._texts:
+            self._on_text("\n")
+        text = _Text(transfer, charset, self._on_text)
         self._texts.append(text.pieces)
         return text
 
@@ -569,9 +575,11 @@ def _transfer_decoder(cte: str) -> _Transfer:
 class _Text:
     """One text part: its transfer decoder, charset decoder and decoded pieces."""
 
-    __slots__ = ("codec", "decoder", "octets", "pieces", "transfer")
+    __slots__ = ("codec", "decoder", "octets", "on_text", "pieces", "transfer")
 
-    def __init__(self, transfer: _Transfer, charset: str | None) -> None:
+    def __init__(self, transfer: _Transfer, charset: str | None,
+                 on_text: Callable[[str], None] | None = None) -> None:
+        self.on_text = on_text
         self.transfer = transfer
         self.codec = _codec(charset)
         self.decoder = codecs.getincrementaldecoder(self.codec)(errors="replace")
@@ -593,6 +601,8 @@ class _Text:
 
     def _append(self, piece: str) -> None:
         if piece:
+            if self.on_text is not None:
+                self.on_text(piece)
             self.pieces.append(piece)
             if len(self.pieces) >= 64:  # a body fed in tiny chunks: keep few objects
                 self.pieces[-64:] = ["".join(self.pieces[-64:])]

@@ -13,7 +13,7 @@ changes the cost, never the result.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 try:  # the parser of the re module (sre_parse before 3.11); without it, no prefilter
@@ -43,19 +43,22 @@ class Regex:
         self.rx = re.compile(pattern)  # re.error for the caller to report
         self.literals = required_literals(pattern)
 
-    def search(self, text: str, folded: str | None = None,
+    def search(self, text: str, folded: str | Callable[[], str] | None = None,
                seen: dict[str, bool] | None = None) -> bool:
-        """Does the pattern match somewhere in text? folded: text.casefold(), when known;
-        seen: which literals the text holds, shared by the rules that read one text (fifty
-        body rules often name the same few words)."""
+        """Does the pattern match somewhere in text? folded: fold(text), or what gives it,
+        asked only for a literal that seen does not settle; seen: which literals the text
+        holds, shared by the rules that read one text (fifty body rules often name the same
+        few words)."""
         literals = self.literals
         if literals is not None and len(text) > 256:  # short texts: searching is cheaper
-            low = folded if folded is not None else fold(text)
+            low = folded if isinstance(folded, str) else None
             if seen is None:
                 seen = {}
             for literal in literals:
                 found = seen.get(literal)
                 if found is None:
+                    if low is None:
+                        low = folded() if callable(folded) else fold(text)
                     found = seen[literal] = literal in low
                 if found:
                     break

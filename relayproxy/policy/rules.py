@@ -147,6 +147,14 @@ class Facts:
     scans: Mapping[str, Any] = field(default_factory=dict)
     auth: Any = None  # relayproxy.auth.results.AuthResults ([auth] on), else None
 
+    def forget_transaction(self) -> None:
+        """Drop what a transaction added (the engine keeps one Facts per session): the next
+        one starts unknown, and the body text (up to rules.body_scan_bytes, twice with its
+        folded copy) is not held while the session waits."""
+        self.sender, self.recipient, self.recipients, self.headers = None, None, (), None
+        self.size, self.body, self.attachments, self.part_types = 0, "", (), ()
+        self._folded, self.body_seen, self.scans, self.auth = None, {}, {}, None
+
     def folded_body(self) -> str:
         """The body case-folded once, for every body rule's prefilter."""
         if self._folded is None:
@@ -415,7 +423,7 @@ class _Builder:
             add("header_absent", Stage.HEADERS, absent)
         if m.body is not None:
             rx = _regex(m.body, self.key(prefix + "body"))
-            add("body", Stage.DATA, lambda f: rx.search(f.body, f.folded_body(), f.body_seen),
+            add("body", Stage.DATA, lambda f: rx.search(f.body, f.folded_body, f.body_seen),
                 gate=("body", rx.literals) if rx.literals else None)
         if m.size_over is not None:
             size = m.size_over
