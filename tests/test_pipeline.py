@@ -5,13 +5,13 @@ and end-of-data verdicts at the withheld dot."""
 from __future__ import annotations
 
 import hashlib
-import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.backpressure import TOTAL, stalled_delivery
 from support.postfix import PostfixInstance
 from support.procstat import RssPeak
 from support.proxy import PROJECT_ROOT, ProxyProcess, base_config
@@ -211,57 +211,9 @@ def test_stalled_observer_slows_the_client_with_flat_rss(
     proxy = _proxy(proxy_factory, server.port, "Stalled",
                    env={"RELAYPROXY_TEST_GATE": str(gate)},
                    server={"max_message_size": 100 * 1024 * 1024})
-    total = 40 * 1024 * 1024
-    block = (b"y" * 958 + b"\r\n") * 64  # 60 KiB
-    pushed = 0
-    blocked = threading.Event()
-    finished = threading.Event()
-    failure: list[BaseException] = []
-    client = RawSMTP(timeout=30)
-    client.connect(proxy.host, proxy.port)
-    client.ehlo("pipeline.test")
-    assert client.cmd("MAIL FROM:<s@example.org>").code == 250
-    assert client.cmd("RCPT TO:<alice@relay.test>").code == 250
-    assert client.cmd("DATA").code == 354
-    assert client.sock is not None
-    sock = client.sock
-
-    def push() -> None:
-        nonlocal pushed
-        try:
-            sock.sendall(b"Subject: stalled\r\n\r\n")
-            view = memoryview(block)
-            while pushed < total:
-                sock.settimeout(0.5)
-                try:
-                    sent = sock.send(view[pushed % len(block):])
-                except TimeoutError:
-                    blocked.set()  # the proxy stopped reading: backpressure reached us
-                    continue
-                pushed += sent
-            sock.settimeout(30)
-            sock.sendall(b".\r\n")
-        except BaseException as exc:  # reported by the main thread
-            failure.append(exc)
-        finally:
-            finished.set()
-
-    with RssPeak(proxy.pid) as rss:
-        sender = threading.Thread(target=push, daemon=True)
-        sender.start()
-        assert blocked.wait(30), f"the client never blocked; pushed {pushed} of {total}"
-        assert pushed < total // 2, f"{pushed} octets taken while the observer stalled"
-        stalled_growth = rss.growth_mib
-        gate.touch()
-        assert finished.wait(60), "the client could not finish once the observer went on"
-    assert not failure, failure
-    assert stalled_growth < 16, f"RSS grew {stalled_growth:.1f} MiB behind a stalled observer"
-    with client:
-        reply = client.read_reply()
-        assert reply.code == 250, reply
-        client.cmd("QUIT")
+    stalled_delivery(proxy, gate.touch, "the observer", helo="pipeline.test")
     (raw,) = server.wait_for_messages(1, timeout=30)
-    assert len(raw) > total
+    assert len(raw) > TOTAL
 
 
 def test_failing_observer_tempfails_and_the_session_goes_on(

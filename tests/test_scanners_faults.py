@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.backpressure import TOTAL, stalled_delivery
 from support.ports import LOOPBACK
-from support.procstat import RssPeak
 from support.proxy import ProxyProcess, base_config
 from support.scripted import ScriptedDownstream
 from support.smtpclient import RawSMTP, Reply, data_payload
@@ -262,56 +262,8 @@ def test_stalled_clamd_slows_the_client_with_flat_rss(
         server.port, server={"max_message_size": 100 * 1024 * 1024},
         scanners={"clamd": {"address": f"{LOOPBACK}:{clamd.port}", "timeout": 60,
                             "max_bytes": 100 * 1024 * 1024}}))
-    total = 40 * 1024 * 1024
-    block = (b"y" * 958 + b"\r\n") * 64  # 60 KiB
-    pushed = 0
-    blocked = threading.Event()
-    finished = threading.Event()
-    failure: list[BaseException] = []
-    client = RawSMTP(timeout=30)
-    client.connect(proxy.host, proxy.port)
-    client.ehlo("client.example.org")
-    assert client.cmd("MAIL FROM:<s@example.org>").code == 250
-    assert client.cmd("RCPT TO:<alice@relay.test>").code == 250
-    assert client.cmd("DATA").code == 354
-    assert client.sock is not None
-    sock = client.sock
-
-    def push() -> None:
-        nonlocal pushed
-        try:
-            sock.sendall(b"Subject: stalled\r\n\r\n")
-            view = memoryview(block)
-            while pushed < total:
-                sock.settimeout(0.5)
-                try:
-                    sent = sock.send(view[pushed % len(block):])
-                except TimeoutError:
-                    blocked.set()  # the proxy stopped reading: backpressure reached us
-                    continue
-                pushed += sent
-            sock.settimeout(30)
-            sock.sendall(b".\r\n")
-        except BaseException as exc:  # reported by the main thread
-            failure.append(exc)
-        finally:
-            finished.set()
-
-    with RssPeak(proxy.pid) as rss:
-        sender = threading.Thread(target=push, daemon=True)
-        sender.start()
-        assert blocked.wait(30), f"the client never blocked; pushed {pushed} of {total}"
-        assert pushed < total // 2, f"{pushed} octets taken while clamd read nothing"
-        stalled_growth = rss.growth_mib
-        clamd.go.set()
-        assert finished.wait(60), "the client could not finish once clamd read again"
-    assert not failure, failure
-    assert stalled_growth < 16, f"RSS grew {stalled_growth:.1f} MiB behind a stalled clamd"
-    with client:
-        reply = client.read_reply()
-        assert reply.code == 250, reply
-        client.cmd("QUIT")
-    assert clamd.received > total
+    stalled_delivery(proxy, clamd.go.set, "clamd")
+    assert clamd.received > TOTAL
     (line,) = proxy.wait_for_transactions(1)
     assert line["clamd"] == "clean", line
 

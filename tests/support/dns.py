@@ -12,6 +12,7 @@ import dns.exception
 import dns.message
 import dns.query
 
+from .daemon import ManagedProcess
 from .ports import LOOPBACK, free_port
 from .wait import wait_until
 
@@ -23,7 +24,7 @@ class DnsServerError(RuntimeError):
     """dnsmasq could not be started or stopped."""
 
 
-class DnsServer:
+class DnsServer(ManagedProcess):
     """dnsmasq serving only the given records on 127.0.0.1:<free port> (UDP and TCP).
 
     ``ptr`` maps IP addresses to names, ``a`` maps names to IPv4 (or IPv6) addresses, ``txt``
@@ -58,10 +59,6 @@ class DnsServer:
     def nameserver(self) -> str:
         """The "host:port" form the proxy's [dns] nameservers setting takes."""
         return f"{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
 
     def _record_args(self) -> list[str]:
         args: list[str] = []
@@ -144,23 +141,6 @@ class DnsServer:
             self.process = None
             return False
         return True
-
-    def stop(self, timeout: float = 10) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def queries(self, name: str, rdtype: str = "A") -> int:
         """How many queries for name and rdtype reached this server (from its query log)."""

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
+from .daemon import ManagedProcess
 from .ports import LOOPBACK, free_port
 from .wait import wait_until
 
@@ -40,7 +41,7 @@ def reserved_port(host: str = LOOPBACK, exclude: Collection[int] = ()) -> int:
     raise HAProxyError(f"no free port below {low} on {host}")
 
 
-class HAProxy:
+class HAProxy(ManagedProcess):
     """Round robin over `backends` (host, port), one thread so the order is exact."""
 
     def __init__(self, backends: Sequence[tuple[str, int]], workdir: Path | None = None,
@@ -121,19 +122,3 @@ class HAProxy:
         return {row[name]: row[status] for row in rows[1:]
                 if row and row[0] == "relays" and row[name].startswith("relay")}
 
-    def stop(self, timeout: float = 10) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""

@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from .daemon import ManagedProcess
 from .ports import LOOPBACK, free_port
 from .wait import wait_until
 
@@ -18,7 +19,7 @@ class RedisServerError(RuntimeError):
     pass
 
 
-class RedisServer:
+class RedisServer(ManagedProcess):
     def __init__(self, workdir: Path | None = None) -> None:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="relayproxy-redis-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -30,10 +31,6 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
 
     def start(self, timeout: float = 10, same_port: bool = False) -> RedisServer:
         """Start on a free port (or, same_port, on the one it had: a Redis coming back)."""
@@ -72,23 +69,6 @@ class RedisServer:
     def flush(self) -> None:
         if self.command("FLUSHALL") != "+OK":
             raise RedisServerError(f"FLUSHALL failed on {self.url}")
-
-    def stop(self, timeout: float = 10) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def __enter__(self) -> RedisServer:
         return self.start()
