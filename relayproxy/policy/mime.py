@@ -587,6 +587,9 @@ class _Text:
         self.octets = 0  # taken from the budget
 
     def decode(self, data: bytes, final: bool = False) -> None:
+        if self.codec == "utf-8":  # the usual codec, and one that never raises with "replace"
+            self._append(self.decoder.decode(data, final))
+            return
         pending = self.decoder.getstate()[0]
         try:
             self._append(self.decoder.decode(data, final))
