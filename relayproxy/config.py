@@ -364,11 +364,6 @@ def _written_forms(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         unknown = next((key for key in table if key not in keys and key not in subsections),
                        None)
         if unknown is not None:
-            tables = [k for k in _SECTIONS if k.startswith(f"{section}.")]
-            if isinstance(table[unknown], dict) and tables:
-                # a table where sections go (scanners.clam): a misspelt section, not a key
-                raise ConfigError(f"{section}.{unknown}: unknown section (known: "
-                                  f"{', '.join(tables)})")
             close = difflib.get_close_matches(unknown, keys, n=1)
             raise ConfigError(f"{section}.{unknown}: unknown key"
                               + (f" (did you mean {close[0]}?)" if close else ""))
