@@ -50,10 +50,9 @@ class Rspamd(ScannerCheck):
         super().__init__("rspamd", config.timeout, config.on_error, config.max_bytes,
                          adds_headers=True)
         self.url = config.url.rstrip("/") + "/checkv2"
-        # a backstop: the observer bounds each wait itself (a request lasts as long as the
-        # client takes to send the message, so there is no total)
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.timeout,
-                                              sock_read=config.timeout)
+        # the observer bounds each wait itself (each part taken, the answer); a request lasts
+        # as long as the client takes to send the message, so there is no total or read limit
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.timeout)
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
