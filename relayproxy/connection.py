@@ -173,10 +173,13 @@ class ClientConnection(asyncio.Protocol):
     def writing_paused(self) -> bool:
         return self._paused_writing
 
-    async def read_chunk(self) -> bytes:
-        """Whatever is buffered (at least one byte); raises ConnectionResetError at EOF."""
+    async def read_chunk(self, limit: int = 0) -> bytes:
+        """Whatever is buffered (at least one byte), or its first limit bytes; raises
+        ConnectionResetError at EOF."""
         while not self._buf:
             await self._wait_data()
+        if limit and len(self._buf) > limit:
+            return self._take(limit)
         data = bytes(self._buf)
         self._buf.clear()
         self._scanned = 0

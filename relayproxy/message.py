@@ -75,6 +75,7 @@ class MessageStream:
         self._scanned = 0
         self.headers: HeaderSection | None = None
         self._observers: list[Observing] = []
+        self._awaited = False  # an observer gives a verdict at the end (a scanner)
         self._batch: list[bytes] = []  # body not yet fed to the observers
         self._batch_size = 0
         # the held window: None once streaming
@@ -99,7 +100,10 @@ class MessageStream:
         try:
             while not reader.done:
                 async with asyncio.timeout(self.server.data_timeout):
-                    chunk = await client.read_chunk()
+                    # with a scanner, what piled up while the last piece was handled goes on
+                    # in OBSERVE_BATCH pieces: each reaches the scanner and the downstream at
+                    # once, and the end of data finds at most one piece not yet sent to it
+                    chunk = await client.read_chunk(OBSERVE_BATCH if self._awaited else 0)
                 forward, rest = reader.feed(chunk)
                 if forward and not self._failed:
                     await self._take(forward)
@@ -172,6 +176,7 @@ class MessageStream:
             if self.verdict is not None:
                 return
         self._observers = self.pipeline.observers(self.session, self.envelope)
+        self._awaited = any(_awaited(w.observer) for w in self._observers)
         if self._hold:
             self._window = []
         else:
@@ -180,14 +185,21 @@ class MessageStream:
             await self._body(body)  # what arrived with the header section
 
     async def _body(self, forward: bytes) -> None:
+        self._forward(forward)
         if self._observers:
             self._batch.append(self._unstuff(forward))
             self._batch_size += len(forward)
-            if self._batch_size >= OBSERVE_BATCH or self.reader.done:
+            done = self.reader.done
+            if self._batch_size >= OBSERVE_BATCH or done:
+                if not done or (self._awaited and self.reader.size >= OBSERVE_BATCH):
+                    # the downstream's part leaves before the observers get theirs: it travels
+                    # while a scanner takes its copy, and neither waits on the other; at the
+                    # end the mail server gets the rest while the scanners decide, the dot
+                    # alone after them (a small message still goes with its dot, in one write)
+                    self._send()
                 await self._observe()
                 if self.verdict is not None:
                     return
-        self._forward(forward)
         if not self.reader.done:
             await self._drain()
         # else the last part goes down with the dot, in one write (one segment, no Nagle)
@@ -238,14 +250,23 @@ class MessageStream:
         if self.failure is None:
             self._out.extend(parts)
 
-    async def _drain(self) -> None:
-        """Write what is gathered; wait while the downstream has not taken enough of it."""
+    def _send(self) -> None:
+        """Write what is gathered, without waiting."""
         if self.failure is not None or self.leg.conn is None or not self._out:
             return
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
         try:
             self.leg.conn.write(data)
+        except DownstreamError as exc:
+            self.failure = exc
+
+    async def _drain(self) -> None:
+        """Write what is gathered; wait while the downstream has not taken enough of it."""
+        self._send()
+        if self.failure is not None or self.leg.conn is None:
+            return
+        try:
             await self.leg.conn.drain()
         except DownstreamError as exc:
             self.failure = exc
@@ -259,7 +280,7 @@ class MessageStream:
         observers, self._observers = self._observers, []
         # an observer that keeps BodyObserver's end has no verdict to give: not called (the
         # rules engine reads the body through one and decides at on_data_end)
-        observers = [w for w in observers if type(w.observer).end is not BodyObserver.end]
+        observers = [w for w in observers if _awaited(w.observer)]
         verdicts: list[Verdict | None] = []
         if len(observers) == 1:  # no tasks to spawn for one (the usual case)
             (w,) = observers
@@ -278,3 +299,8 @@ class MessageStream:
         observers, self._observers = self._observers, []
         for watch in observers:
             watch.observer.abort()
+
+
+def _awaited(observer: BodyObserver) -> bool:
+    """It has a verdict to give at the end of data (it overrides BodyObserver.end)."""
+    return type(observer).end is not BodyObserver.end

@@ -285,6 +285,48 @@ def test_rspamd_over_max_bytes_is_not_scanned_logged_and_counted(
     assert fake.requests == []  # abandoned before a request was made
 
 
+class SilentClamd:
+    """Reads one INSTREAM to its zero-length end, then never answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server((LOOPBACK, 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = 0
+        self.ended = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            stream = conn.makefile("rb")
+            assert stream.read(10) == b"zINSTREAM\0"
+            while size := struct.unpack(">I", stream.read(4))[0]:
+                self.received += len(stream.read(size))
+            self.ended.set()
+            conn.recv(1)  # until the proxy gives up and closes
+
+
+def test_the_downstream_has_the_whole_body_while_clamd_decides(
+    scripted: ScriptedFactory, proxy_factory: ProxyFactory
+) -> None:
+    # The scan overlaps the stream: the parts go to clamd and to the mail server at once, and
+    # when the client's data ends only the dot waits for the verdict. A clamd that never
+    # answers shows what the mail server had by then: the whole body, no dot.
+    clamd = SilentClamd()
+    server = scripted()
+    filler = b"".join(b"line %06d of a message larger than one observed batch\r\n" % i
+                      for i in range(8000))  # about 440 KB
+    proxy = proxy_factory(base_config(server.port, scanners={
+        "clamd": {"address": f"{LOOPBACK}:{clamd.port}", "timeout": 2}}))
+    reply = send(proxy, MESSAGE + filler)
+    assert (reply.code, reply.enhanced) == (451, "4.7.1"), reply  # no verdict: on_error
+    assert clamd.ended.is_set() and clamd.received == len(MESSAGE + filler)
+    (partial,) = server.wait_for_partial(1)
+    assert partial.endswith(MESSAGE.split(b"\r\n\r\n", 1)[1] + filler), partial[-200:]
+    assert server.messages == []
+
+
 class UnixClamd:
     """clamd on a unix socket: reads one INSTREAM and answers `answer`."""
 

@@ -14,7 +14,7 @@ def scanner_checks(config: ScannersConfig) -> list[Check]:
         from .clamd import Clamd
         checks.append(Clamd(config.clamd))
     if config.rspamd.url:
-        from .rspamd import Rspamd  # httpx is imported only when rspamd is configured
+        from .rspamd import Rspamd  # aiohttp is imported only when rspamd is configured
         checks.append(Rspamd(config.rspamd))
     if config.spamd.address:
         from .spamd import Spamd

@@ -82,8 +82,7 @@ class _Stream(ScanObserver):
         view = memoryview(data)
         for offset in range(0, len(data), PART):
             part = view[offset : offset + PART]
-            writer.write(struct.pack(">I", len(part)))
-            writer.write(part)
+            writer.writelines((struct.pack(">I", len(part)), part))
         await writer.drain()
 
     async def _verdict(self) -> ScanResult:

@@ -16,9 +16,18 @@ until SIGTERM or SIGINT; it stops both daemons by PID.
 
 `overlap` measures, for the same 1 MiB message (medians of --reps):
   down   through the proxy without scanners, to smtp-sink: from the first body byte to the 250
+         (the proxy reading, checking and forwarding the body: its own CPU, about 6 ms here;
+         smtp-sink taking the rest of it and answering the dot)
   clamd  clamd alone: INSTREAM of the message in 64 KiB parts, from the first byte to the verdict
+         (the transfer, clamd storing the stream, and its scan, which starts at the zero-length
+         end: INSTREAM is scanned whole)
   both   through the proxy with [scanners.clamd], to smtp-sink: first body byte to the 250
 and says whether both < down + clamd (the scan overlaps the stream instead of following it).
+Each rep runs the three back to back, in an order that rotates from rep to rep, so the machine's
+load hits them alike. Two more rows tell the parts apart: `scan` is clamd alone again, but its
+zero-length end sent only once clamd had taken the whole stream (50 ms later): clamd's time that
+no client can overlap with anything; and each proxy's own mean of the downstream's answer to the
+dot (its histogram), the part of `down` that `both` overlaps with the scan.
 """
 
 from __future__ import annotations
@@ -96,8 +105,9 @@ def _reply(sock: socket.socket) -> bytes:
     return data
 
 
-def through(port: int, body: bytes) -> float:
-    """One SMTP transaction; seconds from the first body byte to the reply after the dot."""
+def through(port: int, data: bytes) -> float:
+    """One SMTP transaction (data: the body with its final dot); seconds from the first body
+    byte to the reply after the dot."""
     with socket.create_connection((LOOPBACK, port), timeout=60) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _reply(sock)
@@ -108,7 +118,7 @@ def through(port: int, body: bytes) -> float:
             if reply[:1] not in (b"2", b"3"):
                 raise RuntimeError(f"{cmd!r}: {reply!r}")
         started = time.perf_counter()
-        sock.sendall(body + b".\r\n")
+        sock.sendall(data)
         reply = _reply(sock)
         elapsed = time.perf_counter() - started
         if not reply.startswith(b"250"):
@@ -117,13 +127,17 @@ def through(port: int, body: bytes) -> float:
     return elapsed
 
 
-def clamd_alone(clamd: Clamd, body: bytes) -> float:
+def clamd_alone(clamd: Clamd, parts: list[bytes], pause: float = 0.0) -> float:
+    """INSTREAM; seconds from the first byte to the verdict, or with a pause, from the
+    zero-length end (sent after the pause) to the verdict."""
     with socket.create_connection((clamd.host, clamd.port), timeout=60) as sock:
         started = time.perf_counter()
         sock.sendall(b"zINSTREAM\0")
-        for offset in range(0, len(body), PART):
-            part = body[offset : offset + PART]
-            sock.sendall(struct.pack(">I", len(part)) + part)
+        for part in parts:
+            sock.sendall(part)
+        if pause:
+            time.sleep(pause)  # clamd takes the whole stream meanwhile
+            started = time.perf_counter()
         sock.sendall(b"\0\0\0\0")
         reply = b""
         while not reply.endswith(b"\0"):
@@ -159,41 +173,57 @@ def proxy(workdir: Path, name: str, sink_port: int, extra: str, metrics: str = "
     raise RuntimeError(f"{name} did not start: {(workdir / f'{name}.log').read_text()[-2000:]}")
 
 
-def scanner_latency(metrics: str) -> float:
-    """The proxy's mean time from the end of data to clamd's verdict (its own histogram)."""
+def histogram_mean(metrics: str, name: str, label: str) -> float:
+    """A proxy's mean of one of its histograms, e.g. the time from the end of data to clamd's
+    verdict, or the downstream's answer to the dot."""
     text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10).read().decode()
     found = dict(re.findall(
-        r'^relayproxy_scanner_latency_seconds_(sum|count)\{scanner="clamd"\} (\S+)$', text,
-        re.M))
+        rf'^{name}_(sum|count)\{{{label}\}} (\S+)$', text, re.M))
     return float(found["sum"]) / max(float(found["count"]), 1.0)
 
 
 def overlap(reps: int, size: int) -> int:
     body = message(size)
+    data = body + b".\r\n"
+    parts = [struct.pack(">I", len(body[o : o + PART])) + body[o : o + PART]
+             for o in range(0, len(body), PART)]
     workdir = Path(tempfile.mkdtemp(prefix="relayproxy-overlap-"))
     sink_port = free_port()
     sink = subprocess.Popen(["/usr/sbin/smtp-sink", "-u", "nobody", f"{LOOPBACK}:{sink_port}",
                              "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latency = 0.0
     clamd = Clamd()
     children: list[subprocess.Popen[bytes]] = [sink]
+    means: dict[str, float] = {}
     try:
         with daemons(clamd):
-            plain, plain_port = proxy(workdir, "plain", sink_port, "")
+            plain_metrics = f"{LOOPBACK}:{free_port()}"
+            plain, plain_port = proxy(workdir, "plain", sink_port, "", plain_metrics)
             children.append(plain)
             metrics = f"{LOOPBACK}:{free_port()}"
             scanned, scanned_port = proxy(
                 workdir, "clamd", sink_port,
                 f'[scanners.clamd]\naddress = "{clamd.host}:{clamd.port}"\n', metrics)
             children.append(scanned)
-            times: dict[str, list[float]] = {"down": [], "clamd": [], "both": []}
+            runs = {"down": lambda: through(plain_port, data),
+                    "clamd": lambda: clamd_alone(clamd, parts),
+                    "both": lambda: through(scanned_port, data)}
+            order = list(runs)
+            times: dict[str, list[float]] = {k: [] for k in (*order, "scan")}
             for _ in range(2):  # warm-up
-                through(plain_port, body), clamd_alone(clamd, body), through(scanned_port, body)
-            for _ in range(reps):  # interleaved: the machine's noise hits all three alike
-                times["down"].append(through(plain_port, body))
-                times["clamd"].append(clamd_alone(clamd, body))
-                times["both"].append(through(scanned_port, body))
-            latency = scanner_latency(metrics)
+                for run in runs.values():
+                    run()
+            for rep in range(reps):
+                # back to back, in a rotating order: the machine's noise hits all three alike
+                for key in order[rep % 3:] + order[: rep % 3]:
+                    times[key].append(runs[key]())
+                times["scan"].append(clamd_alone(clamd, parts, pause=0.05))
+            dot = 'relayproxy_downstream_latency_seconds', 'command="dot"'
+            means = {
+                "verdict": histogram_mean(metrics, "relayproxy_scanner_latency_seconds",
+                                          'scanner="clamd"'),
+                "dot_down": histogram_mean(plain_metrics, *dot),
+                "dot_both": histogram_mean(metrics, *dot),
+            }
     finally:
         for child in children:
             child.terminate()
@@ -203,13 +233,16 @@ def overlap(reps: int, size: int) -> int:
     print(f"message: {len(body)} octets, {reps} reps each, medians (ms); min..max in brackets")
     for key, label in (("down", "proxy -> smtp-sink, no scanner"),
                        ("clamd", "clamd alone (INSTREAM, 64 KiB parts)"),
-                       ("both", "proxy with clamd -> smtp-sink")):
+                       ("both", "proxy with clamd -> smtp-sink"),
+                       ("scan", "clamd: zero-length end to verdict")):
         print(f"  {label:40} {med[key]:8.1f}  [{min(times[key]) * 1000:.1f}.."
               f"{max(times[key]) * 1000:.1f}]")
     print(f"  {'down + clamd':40} {total:8.1f}")
-    print(f"  {'(in both: end of data to clamd verdict)':40} {latency * 1000:8.1f}  (mean)")
-    # per rep (the three runs of a rep are back to back): slow drift of the machine's load
-    # cancels out of each ratio
+    for key, label in (("verdict", "in both: end of data to clamd verdict"),
+                       ("dot_down", "in down: downstream's answer to the dot"),
+                       ("dot_both", "in both: downstream's answer to the dot")):
+        print(f"  {label:40} {means[key] * 1000:8.1f}  (mean)")
+    # per rep (the runs of a rep are back to back): slow drift of the load cancels out
     per_rep = statistics.median(b / (d + c) for d, c, b in zip(
         times["down"], times["clamd"], times["both"], strict=True))
     verdict = "overlaps" if med["both"] < total else "does NOT overlap"
