@@ -77,6 +77,12 @@ def corpus() -> dict[str, bytes]:
     out["empty-body-simple"] = sign(BASE.split(b"\r\n\r\n")[0] + b"\r\n\r\n", "rsa", D, rsa,
                                     (b"simple", b"simple"))
     out["empty-body-relaxed"] = sign(BASE.split(b"\r\n\r\n")[0] + b"\r\n\r\n", "ed", D, ed)
+    # a message that ends with its header section, without the blank line: an empty body
+    for h in (b"relaxed", b"simple"):
+        for b in (b"relaxed", b"simple"):
+            whole = sign(BASE.split(b"\r\n\r\n")[0] + b"\r\n\r\n", "rsa", D, rsa, (h, b))
+            assert whole.endswith(b"\r\n\r\n")
+            out[f"no-blank-line-{h.decode()}-{b.decode()}"] = whole[:-2]
     out["several"] = sign(sign(BASE, "rsa", D, rsa), "ed", D, ed, (b"simple", b"simple"))
     out["several-one-bad"] = sign(tamper_body(sign(BASE, "rsa", D, rsa)), "ed", D, ed)
     out["tampered-header"] = tamper_header(sign(BASE, "rsa", D, rsa))
@@ -171,7 +177,8 @@ def test_corpus_covers_every_outcome(zone: DnsServer) -> None:
               "several-one-bad": ["pass", "fail"], "tampered-header": ["fail"],
               "tampered-body": ["fail"], "expired": ["permerror"], "not-expired": ["pass"],
               "revoked": ["permerror"], "missing-key": ["permerror"],
-              "dns-timeout": ["temperror"], "unsigned": []}
+              "dns-timeout": ["temperror"], "unsigned": [],
+              "no-blank-line-relaxed-relaxed": ["pass"], "no-blank-line-simple-simple": ["pass"]}
     for name, results in expect.items():
         assert _streamed(CORPUS[name], zone, []) == results, name
 
