@@ -172,13 +172,14 @@ def validate_signature_fields(sig: dict[bytes, bytes]) -> None:
             raise dkimpy.ValidationError(f"missing {name!r}=")
     if b"a" in sig and sig[b"a"] not in HASH_ALGORITHMS:
         raise dkimpy.ValidationError(f"unknown signature algorithm: {sig[b'a']!r}")
+    b_is_base64 = _BASE64.match(sig[b"b"]) is not None  # b= is mandatory: it is there
     if b"b" in sig:
-        if _BASE64.match(sig[b"b"]) is None:
+        if not b_is_base64:
             raise dkimpy.ValidationError(f"b= value is not valid base64 ({sig[b'b']!r})")
         if len(sig[b"b"].translate(None, _WS)) % 4 != 0:
             raise dkimpy.ValidationError(f"b= value is not valid base64 ({sig[b'b']!r})")
     if b"bh" in sig:
-        if _BASE64.match(sig[b"b"]) is None:  # sic: dkimpy checks b= here
+        if not b_is_base64:  # sic: dkimpy checks b= here, the same match again
             raise dkimpy.ValidationError(f"bh= value is not valid base64 ({sig[b'bh']!r})")
         if len(sig[b"bh"].translate(None, _WS)) % 4 != 0:
             raise dkimpy.ValidationError(f"bh= value is not valid base64 ({sig[b'bh']!r})")
