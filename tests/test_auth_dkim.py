@@ -10,8 +10,11 @@ the chunks the body arrives in (Hypothesis draws the split points).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import dkim
 import dkim.crypto
@@ -30,6 +33,11 @@ from relayproxy.auth.dkim import (
     ORIGINAL_STR2INT,
     BodyCanon,
     Verifier,
+    _emsa_prefix,
+    parse_header,
+    parse_tag_value,
+    relaxed_headers,
+    validate_signature_fields,
 )
 from relayproxy.auth.lookup import TempDNSError, txt
 from relayproxy.config import DNSConfig, HostPort
@@ -69,6 +77,12 @@ def corpus() -> dict[str, bytes]:
     out["empty-body-simple"] = sign(BASE.split(b"\r\n\r\n")[0] + b"\r\n\r\n", "rsa", D, rsa,
                                     (b"simple", b"simple"))
     out["empty-body-relaxed"] = sign(BASE.split(b"\r\n\r\n")[0] + b"\r\n\r\n", "ed", D, ed)
+    # a message that ends with its header section, without the blank line: an empty body
+    for h in (b"relaxed", b"simple"):
+        for b in (b"relaxed", b"simple"):
+            whole = sign(BASE.split(b"\r\n\r\n")[0] + b"\r\n\r\n", "rsa", D, rsa, (h, b))
+            assert whole.endswith(b"\r\n\r\n")
+            out[f"no-blank-line-{h.decode()}-{b.decode()}"] = whole[:-2]
     out["several"] = sign(sign(BASE, "rsa", D, rsa), "ed", D, ed, (b"simple", b"simple"))
     out["several-one-bad"] = sign(tamper_body(sign(BASE, "rsa", D, rsa)), "ed", D, ed)
     out["tampered-header"] = tamper_header(sign(BASE, "rsa", D, rsa))
@@ -163,7 +177,8 @@ def test_corpus_covers_every_outcome(zone: DnsServer) -> None:
               "several-one-bad": ["pass", "fail"], "tampered-header": ["fail"],
               "tampered-body": ["fail"], "expired": ["permerror"], "not-expired": ["pass"],
               "revoked": ["permerror"], "missing-key": ["permerror"],
-              "dns-timeout": ["temperror"], "unsigned": []}
+              "dns-timeout": ["temperror"], "unsigned": [],
+              "no-blank-line-relaxed-relaxed": ["pass"], "no-blank-line-simple-simple": ["pass"]}
     for name, results in expect.items():
         assert _streamed(CORPUS[name], zone, []) == results, name
 
@@ -265,3 +280,91 @@ def test_key_server_that_never_answers_gives_temperror_like_dkimpys_timeout() ->
             return b"".join(next(iter(answer)).strings)
 
         assert dkim.verify(message, dnsfunc=dnsfunc) is False
+
+
+def _outcome(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
+    """What a call gives: ("ok", its result) or (the exception's type, its message)."""
+    try:
+        return "ok", fn(*args)
+    except Exception as exc:  # the exception itself is what is compared
+        return type(exc).__name__, str(exc)
+
+
+_HEADER_PIECES = [b"From: a@b.test", b"\r\n", b"\n", b"\r", b" ", b"\t", b"x", b":",
+                  b"Subject", b"From ", b"DKIM-Signature: v=1;", b"\x80", b"\r\n\r\n"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(parts=st.lists(st.sampled_from(_HEADER_PIECES), max_size=20))
+def test_header_parse_equals_dkimpys(parts: list[bytes]) -> None:
+    section = b"".join(parts)
+    ours = _outcome(parse_header, section)
+    theirs = _outcome(lambda m: dkim.rfc822_parse(m)[0], section)
+    assert ours == theirs
+
+
+_TAG_PIECES = [b"v=1", b";", b" ", b"=", b"a", b"b9", b"_x", b"9", b"\r\n ", b"\t", b"a=b=c",
+               b"a=1;a=2", b";;"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(parts=st.lists(st.sampled_from(_TAG_PIECES), max_size=12))
+def test_tag_value_parse_equals_dkimpys(parts: list[bytes]) -> None:
+    value = b"".join(parts)
+    assert _outcome(parse_tag_value, value) == _outcome(dkim.util.parse_tag_value, value)
+
+
+_NOW = int(time.time())
+_FIELD_VALUES: dict[bytes, list[bytes]] = {
+    b"v": [b"1", b"2"],
+    b"a": [b"rsa-sha256", b"rsa-sha1", b"ed25519-sha256", b"rsa-md5"],
+    b"b": [b"dGVzdA==", b"dGV zdA\r\n ==", b"dGVzdA=", b"dG=VzdA=", b"d*GVzdA=="],
+    b"bh": [b"dGVzdA==", b"dGVzdA", b"dG VzdA =="],
+    b"d": [b"bench.test", b"b@d.test", "b\u00e9.test".encode(), b"D.TEST"],
+    b"h": [b"from:to"],
+    b"s": [b"sel"],
+    b"i": [b"@bench.test", b"u@sub.bench.test", b"u@otherbench.test", b"bench.test",
+           b"x@d.test"],
+    b"l": [b"100", b"1x", b"9" * 77],
+    b"q": [b"dns/txt", b"http"],
+    b"t": [str(_NOW - 100).encode(), str(_NOW + 86400).encode(), b"12a"],
+    b"x": [str(_NOW + 3600).encode(), str(_NOW - 86400).encode(), str(_NOW - 200).encode(),
+           b"x"],
+    b"cv": [b"pass", b"bogus"],
+}
+
+
+@settings(max_examples=1500, deadline=None)
+@given(data=st.data())
+def test_signature_field_validation_equals_dkimpys(data: st.DataObject) -> None:
+    sig = {}
+    for name, values in _FIELD_VALUES.items():
+        mandatory = name in (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
+        if data.draw(st.integers(0, 9)) < (9 if mandatory else 4):
+            sig[name] = data.draw(st.sampled_from(values))
+    # the error strings hold no clock reading, so the two calls compare whatever the second
+    assert (_outcome(validate_signature_fields, dict(sig))
+            == _outcome(dkim.validate_signature_fields, dict(sig)))
+
+
+_FIELD_PIECES = [b"a", b" ", b"\t", b"\r\n", b"\n", b"\r", b"  ", b"\r\n\t", b"x y"]
+
+
+@settings(max_examples=800, deadline=None)
+@given(fields=st.lists(st.tuples(st.sampled_from([b"Subject", b"FROM", b"x-a"]),
+                                 st.lists(st.sampled_from(_FIELD_PIECES), max_size=10)),
+                       max_size=4))
+def test_relaxed_header_canonicalisation_equals_dkimpys(
+        fields: list[tuple[bytes, list[bytes]]]) -> None:
+    headers = [(name, b"".join(parts)) for name, parts in fields]
+    assert relaxed_headers(headers) == dkim.canonicalization.Relaxed.canonicalize_headers(
+        headers)
+
+
+@pytest.mark.parametrize("name", ["sha1", "sha256"])
+@pytest.mark.parametrize("mlen", [30, 45, 62, 128, 256, 512])
+def test_kept_digest_encoding_equals_dkimpys(name: str, mlen: int) -> None:
+    hasher = hashlib.new(name, b"message")
+    theirs = _outcome(dkim.crypto.EMSA_PKCS1_v1_5_encode, hasher, mlen)
+    ours = _outcome(lambda: _emsa_prefix(name, mlen) + hasher.digest())
+    assert ours == theirs

@@ -27,6 +27,10 @@ TXT = {
     "redirect-fail.test": "v=spf1 redirect=fail.test",
     "macro.test": "v=spf1 exists:%{i}.%{l}.allow.macro.test -all",
     "a.test": "v=spf1 a:host.a.test -all",
+    "mx.test": "v=spf1 mx -all",
+    "mx-elsewhere.test": "v=spf1 mx -all",
+    "mx-named.test": "v=spf1 mx:mx.test -all",
+    "mx-deny.test": "v=spf1 -mx:mx.test +all",
     "exp.test": "v=spf1 -all exp=why.exp.test",
     "why.exp.test": "%{d} does not send from %{i}",
     "void.test": "v=spf1 a:n1.void.test a:n2.void.test a:n3.void.test -all",
@@ -39,12 +43,14 @@ TXT = {
     "xn--bcher-kva.test": "v=spf1 ip4:192.0.2.0/24 -all",
     **{f"l{i}.many.test": "v=spf1 -ip4:203.0.113.1" for i in range(11)},
 }
-A = {"192.0.2.10.bob.allow.macro.test": "127.0.0.2", "host.a.test": CLIENT}
+A = {"192.0.2.10.bob.allow.macro.test": "127.0.0.2", "host.a.test": CLIENT,
+     "mail.mx.test": CLIENT, "mail.mx-elsewhere.test": "198.51.100.25"}
+MX = {"mx.test": "mail.mx.test", "mx-elsewhere.test": "mail.mx-elsewhere.test"}
 
 
 @pytest.fixture(scope="module")
 def zone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsServer]:
-    server = DnsServer(workdir=tmp_path_factory.mktemp("spf-dns"), txt=TXT, a=A,
+    server = DnsServer(workdir=tmp_path_factory.mktemp("spf-dns"), txt=TXT, a=A, mx=MX,
                        refused=["timeout.test"])
     server.start()
     yield server
@@ -75,6 +81,10 @@ def spf(zone: DnsServer | HostPort, sender: str, helo: str = "client.test",
     ("bob@macro.test", "pass"),  # %{i} and %{l} expanded
     ("eve@macro.test", "fail"),
     ("a@a.test", "pass"),
+    ("a@mx.test", "pass"),  # the client is the domain's mail exchanger
+    ("a@mx-elsewhere.test", "fail"),  # its exchanger has another address
+    ("a@mx-named.test", "pass"),  # mx:domain
+    ("a@mx-deny.test", "fail"),  # -mx:domain matches the client
     ("a@void.test", "permerror"),  # a third void lookup (RFC 7208 4.6.4)
     ("a@toomany.test", "permerror"),  # an 11th DNS mechanism (RFC 7208 4.6.4)
     ("a@broken.test", "permerror"),
@@ -86,6 +96,13 @@ def test_results(zone: DnsServer, sender: str, result: str) -> None:
     found = spf(zone, sender)
     assert found.result == result, found
     assert found.identity == "mailfrom" and found.domain == sender.split("@")[1]
+
+
+def test_mx_mechanism_looks_up_each_exchangers_address(zone: DnsServer) -> None:
+    """A fail of mx-elsewhere.test is its exchanger's other address, not a missing MX."""
+    before = zone.queries("mail.mx-elsewhere.test", "A")
+    assert spf(zone, "b@mx-elsewhere.test").result == "fail"
+    assert zone.queries("mail.mx-elsewhere.test", "A") == before + 1
 
 
 def test_explanation_of_a_fail_is_the_domains(zone: DnsServer) -> None:

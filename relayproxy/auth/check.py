@@ -197,8 +197,11 @@ class AuthCheck(Check):
             instance = arcmod.instance_of(f.value.encode("utf-8", "surrogateescape"))
             return aar_authserv_id(f.value) == ours and instance not in seals
 
-        headers.remove("Authentication-Results", forged_ar)
-        headers.remove("ARC-Authentication-Results", forged_aar)
+        # most messages have neither field: no pass over the section for them
+        if headers.get_lower("authentication-results"):
+            headers.remove("Authentication-Results", forged_ar)
+        if headers.get_lower("arc-authentication-results"):
+            headers.remove("ARC-Authentication-Results", forged_aar)
 
     def body_observer(self, session: SessionInfo, envelope: Envelope) -> BodyObserver | None:
         tx = self._tx(envelope)

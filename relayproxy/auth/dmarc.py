@@ -41,8 +41,10 @@ class Record:
     domain: str  # where it was found (the From domain, or its organizational domain)
 
 
+@lru_cache(maxsize=1024)
 def parse_record(text: bytes, subdomain: bool, found_at: str) -> Record | None:
-    """The policy of a TXT record, None if it is not a valid DMARC record."""
+    """The policy of a TXT record, None if it is not a valid DMARC record (kept: a Record
+    is immutable, and the same domains' records come back message after message)."""
     tags: dict[str, str] = {}
     for part in text.decode("ascii", "replace").split(";"):
         key, sep, value = part.partition("=")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .arc import ARCResult
 from .dkim import DKIMResult
@@ -26,6 +27,7 @@ def aar_authserv_id(value: str) -> str:
     return authserv_id(value.partition(";")[2])
 
 
+@lru_cache(maxsize=4096)
 def _value(text: str) -> str:
     if _TOKEN.match(text):
         return text

@@ -28,7 +28,8 @@ class DnsServer(ManagedProcess):
     """dnsmasq serving only the given records on 127.0.0.1:<free port> (UDP and TCP).
 
     ``ptr`` maps IP addresses to names, ``a`` maps names to IPv4 (or IPv6) addresses, ``txt``
-    maps names to a text string (or a list of strings, one TXT record each). Any other name
+    maps names to a text string (or a list of strings, one TXT record each), ``mx`` maps a
+    name to its mail exchanger (one MX record, preference 10). Any other name
     gets NXDOMAIN (never forwarded anywhere), like a zone that simply lacks the record.
     ``ttl`` is the TTL of every record (dnsmasq's default, 0, keeps resolvers from caching);
     names in the ``refused`` domains are answered REFUSED, like a server that will not serve
@@ -43,12 +44,14 @@ class DnsServer(ManagedProcess):
         workdir: Path | None = None,
         ttl: int = 0,
         refused: Iterable[str] = (),
+        mx: Mapping[str, str] | None = None,
     ) -> None:
         self.host = LOOPBACK
         self.port = 0
         self.ptr = dict(ptr or {})
         self.a = dict(a or {})
         self.txt = dict(txt or {})
+        self.mx = dict(mx or {})
         self.ttl = ttl
         self.refused = tuple(refused)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="relayproxy-dns-"))
@@ -77,6 +80,8 @@ class DnsServer(ManagedProcess):
                 if "," in text:
                     raise ValueError(f"TXT text may not contain ',' (dnsmasq syntax): {text!r}")
                 args.append(f"--txt-record={name},{text}")
+        for name, exchange in self.mx.items():
+            args.append(f"--mx-host={name},{exchange},10")
         # "#": the standard upstream servers, of which there are none, so dnsmasq refuses
         args.extend(f"--server=/{domain}/#" for domain in self.refused)
         if self.ttl:
