@@ -57,7 +57,8 @@ def wait_greeting(port: int, proxy: subprocess.Popen[bytes], timeout: float) -> 
     raise SystemExit(f"no 220 greeting on port {port} within {timeout:.0f} s")
 
 
-def count(config: Path, src: Path, messages: int, port: int, sink_port: int) -> int:
+def count(config: Path, src: Path, messages: int, port: int, sink_port: int,
+          rcpts: int = 1) -> int:
     sink = subprocess.Popen([find_tool("smtp-sink"), "-u", "nobody", f"{HOST}:{sink_port}",
                              "100"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = config.with_suffix(f".{messages}.log")
@@ -70,7 +71,8 @@ def count(config: Path, src: Path, messages: int, port: int, sink_port: int) -> 
     try:
         wait_greeting(port, proxy, 120)
         subprocess.run([find_tool("smtp-source"), "-4", "-s", "5", "-m", str(messages), "-l",
-                        "4096", "-f", SENDER, "-t", RCPT, "-M", HELO, f"{HOST}:{port}"],
+                        "4096", "-r", str(rcpts), "-f", SENDER, "-t", RCPT, "-M", HELO,
+                        f"{HOST}:{port}"],
                        check=True, stdout=subprocess.DEVNULL, timeout=600)
     finally:
         proxy.send_signal(signal.SIGTERM)
@@ -87,6 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", choices=("plain", "rules", "observer"), default="plain")
     ap.add_argument("--src", default=str(PROJECT_ROOT), help="the checkout to run")
+    ap.add_argument("--rcpts", type=int, default=1, help="recipients per message (w4: 5)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="relayproxy-instr-") as tmp:
         work = Path(tmp)
@@ -98,8 +101,10 @@ def main() -> None:
         checks = (NOOP_OBSERVER,) if args.config == "observer" else ()
         config = work / "relayproxy.toml"
         config.write_text(proxy_toml(port, sink_port, checks, rules))
-        low, high = (count(config, Path(args.src), n, port, sink_port) for n in (100, 400))
-    print(f"{args.config}: {(high - low) / 300:,.0f} instructions per message ({args.src})")
+        low, high = (count(config, Path(args.src), n, port, sink_port, args.rcpts)
+                     for n in (100, 400))
+    print(f"{args.config}, {args.rcpts} rcpt: {(high - low) / 300:,.0f} instructions per "
+          f"message ({args.src})")
 
 
 if __name__ == "__main__":
