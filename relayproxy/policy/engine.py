@@ -278,6 +278,9 @@ class RulesCheck(Check):
         if any(r.action == "add_header" for r in self.by_stage[Stage.DATA]):
             needs.add(Need.END_HEADERS)  # the field goes on top of a held message only
         self.needs = frozenset(needs)
+        # without rules at MAIL the transaction's state is made by the first RCPT (_tx logs
+        # what connect and HELO left)
+        self.idle = frozenset() if self.by_stage[Stage.MAIL] else frozenset({"on_mail"})
         # the counters' children, resolved once (a labels() call costs a lock and a lookup)
         self.hit_counters = {
             (rule.name, action): metrics.RULE_HITS.labels(rule.name, action)
@@ -304,6 +307,7 @@ class RulesCheck(Check):
                                                  headers=[*s.headers, *s.helo_headers])
             if s.facts is not None:
                 s.facts.forget_transaction()
+            self._log(envelope, tx)  # the hits of connect and HELO, whatever comes next
         return tx  # only this class writes _KEY
 
     # facts
@@ -482,7 +486,9 @@ class RulesCheck(Check):
     async def on_helo(self, session: SessionInfo) -> Verdict | None:
         s = self._session(session)
         # a new HELO starts over: what the last one's rules said is forgotten
-        s.helo, s.helo_hits, s.helo_pending, s.helo_headers = _Scores(), [], None, []
+        if s.helo_hits or s.helo_pending or s.helo_headers or s.helo.names or \
+                s.helo.monitor_score:  # the first HELO finds them empty: no new objects
+            s.helo, s.helo_hits, s.helo_pending, s.helo_headers = _Scores(), [], None, []
         rules = self.by_stage[Stage.HELO]
         if s.accepted or not rules:
             return None
