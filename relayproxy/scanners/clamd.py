@@ -8,8 +8,9 @@ and clamd's scan remain. A write waits while clamd has not taken the previous on
 stays a few parts; a slow clamd slows the client). clamd refuses a stream past its
 StreamMaxLength, so scanners.clamd.max_bytes must not exceed it: past max_bytes the first
 max_bytes are still scanned (a virus in them refuses the message) and the rest is not.
-A connection per message (IDSESSION would save a loopback connect, and costs a session that
-one bad stream ends for all).
+A connection per message, not a pool of IDSESSION sessions: the stream cannot be replayed, so a
+kept session that clamd closed meanwhile (IdleTimeout, an error in the previous stream) would
+become a spurious tempfail; a loopback connect costs far less.
 """
 
 from __future__ import annotations
