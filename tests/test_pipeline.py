@@ -310,3 +310,21 @@ def test_same_client_gets_its_connection_back_without_xclient_again(
     assert server.connections == 1, server.describe()
     xclients = [c for c in server.all_commands if c.startswith("XCLIENT ")]
     assert len(xclients) == 1, server.all_commands
+
+
+def test_a_hook_that_raises_when_called_tempfails_the_stage() -> None:
+    """A plugin whose hook is no coroutine (or raises before it returns one) is that check's
+    failure, a tempfail, never an exception that ends the session."""
+    import asyncio
+
+    from relayproxy.checks import Check, Envelope, Pipeline, SessionInfo
+
+    class Broken(Check):
+        name = "broken"
+
+        def on_mail(self, session: SessionInfo, envelope: Envelope) -> Any:  # type: ignore[override]
+            raise RuntimeError("not even a coroutine")
+
+    verdict = asyncio.run(Pipeline([Broken()]).mail(SessionInfo("s", "192.0.2.1", 1),
+                                                     Envelope("a@example.org")))
+    assert verdict is not None and (verdict.code, verdict.enhanced) == (451, "4.3.0"), verdict

@@ -224,8 +224,10 @@ class Pipeline:
             for stage in _STAGES
         }
         # each stage's bound hooks, looked up once
-        self._hooks = {stage: tuple((c, getattr(c, stage)) for c in found)
-                       for stage, found in self._by_stage.items()}
+        self._hooks: dict[str, tuple[tuple[Check, Callable[..., Awaitable[Verdict | None]]],
+                                     ...]] = {
+            stage: tuple((c, getattr(c, stage)) for c in found)
+            for stage, found in self._by_stage.items()}
         self.observing = tuple(
             c for c in checks if Need.BODY in c.needs
             and type(c).body_observer is not Check.body_observer
@@ -239,13 +241,12 @@ class Pipeline:
         raises or overruns the deadline tempfails (see guarded), inline here rather than
         through guarded: two coroutines less per check and stage, on every message."""
         for check, bound in self._hooks[hook]:
-            call: Awaitable[Verdict | None] = bound(*args)
             try:
                 if check.instant:  # it never waits, or bounds its own waits: no timer
-                    verdict = await call
+                    verdict = await bound(*args)
                 else:
                     async with asyncio.timeout(self.deadline):
-                        verdict = await call
+                        verdict = await bound(*args)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
