@@ -14,14 +14,10 @@ Not collected by pytest; needs valgrind (Debian package).
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,53 +28,35 @@ from bench import (  # bench.py is a script beside this one
     PROJECT_ROOT,
     RCPT,
     SENDER,
+    Child,
     bench_rules,
     find_tool,
     free_port,
     proxy_toml,
+    wait_greeting,
 )
-
-
-def wait_greeting(port: int, proxy: subprocess.Popen[bytes], timeout: float) -> None:
-    """Until the proxy (slow under valgrind) answers 220; bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proxy.poll() is not None:
-            raise SystemExit(f"the proxy exited with rc={proxy.returncode}")
-        try:
-            with socket.create_connection((HOST, port), timeout=5) as s:
-                s.settimeout(5)
-                if s.recv(512).startswith(b"220 "):
-                    s.sendall(b"QUIT\r\n")
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"no 220 greeting on port {port} within {timeout:.0f} s")
 
 
 def count(config: Path, src: Path, messages: int, port: int, sink_port: int,
           rcpts: int = 1) -> int:
-    sink = subprocess.Popen([find_tool("smtp-sink"), "-u", "nobody", f"{HOST}:{sink_port}",
-                             "100"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = config.parent
+    sink = Child("smtp-sink", [find_tool("smtp-sink"), "-u", "nobody", f"{HOST}:{sink_port}",
+                               "100"], work / "sink.log")
     log = config.with_suffix(f".{messages}.log")
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    with log.open("w") as out:
-        proxy = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-             "-m", "relayproxy", "run", "-c", str(config)],
-            cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT)
+    # run from the checkout: `python -m` imports relayproxy from its working directory
+    proxy = Child("proxy", ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                            sys.executable, "-m", "relayproxy", "run", "-c", str(config)],
+                  log, cwd=src)
     try:
-        wait_greeting(port, proxy, 120)
+        if error := wait_greeting(port, proxy, timeout=120):  # slow to start under valgrind
+            raise SystemExit(error)
         subprocess.run([find_tool("smtp-source"), "-4", "-s", "5", "-m", str(messages), "-l",
                         "4096", "-r", str(rcpts), "-f", SENDER, "-t", RCPT, "-M", HELO,
                         f"{HOST}:{port}"],
                        check=True, stdout=subprocess.DEVNULL, timeout=600)
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(120)
-        sink.terminate()
-        sink.wait(10)
+        proxy.stop()  # SIGTERM: the proxy drains and exits, and callgrind writes its count
+        sink.stop()
     found = re.search(r"Collected : (\d+)", log.read_text())
     if found is None:
         raise SystemExit(f"no instruction count in {log}")
