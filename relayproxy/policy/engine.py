@@ -335,6 +335,14 @@ class RulesCheck(Check):
         facts.recipient = None  # the rcpt stage sets it for its own rules only
         return facts
 
+    async def _stage_facts(self, session: SessionInfo, s: _SessionState, stage: Stage
+                           ) -> Facts:
+        """The facts of a stage whose rules need DNS answers (the others take _facts as it is:
+        no coroutine for them)."""
+        facts = self._facts(session, s)
+        await self._wait(session, s, stage, facts)
+        return facts
+
     async def _wait(self, session: SessionInfo, s: _SessionState, stage: Stage,
                     facts: Facts) -> None:
         """Wait (within rules.check_timeout) for the DNS facts the stage's rules read."""
@@ -471,9 +479,8 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.CONNECT]
         if not rules:
             return None
-        facts = self._facts(session, s)
-        if self.waits[Stage.CONNECT]:
-            await self._wait(session, s, Stage.CONNECT, facts)
+        facts = (await self._stage_facts(session, s, Stage.CONNECT)
+                 if self.waits[Stage.CONNECT] else self._facts(session, s))
         verdict, accept = self._run(Stage.CONNECT, rules, facts, s, s.connect, s.hits,
                                     s.headers)
         accepted = accept is not None and self._accept(accept, s, None)
@@ -492,9 +499,8 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.HELO]
         if s.accepted or not rules:
             return None
-        facts = self._facts(session, s)
-        if self.waits[Stage.HELO]:
-            await self._wait(session, s, Stage.HELO, facts)
+        facts = (await self._stage_facts(session, s, Stage.HELO)
+                 if self.waits[Stage.HELO] else self._facts(session, s))
         verdict, accept = self._run(Stage.HELO, rules, facts, s, s.helo, s.helo_hits,
                                     s.helo_headers)
         if verdict is None and not (accept is not None and self._accept(accept, s, None)):
@@ -511,9 +517,8 @@ class RulesCheck(Check):
         if s.accepted or not rules:
             self._log(envelope, tx)
             return None
-        facts = self._facts(session, s)
-        if self.waits[Stage.MAIL]:
-            await self._wait(session, s, Stage.MAIL, facts)
+        facts = (await self._stage_facts(session, s, Stage.MAIL)
+                 if self.waits[Stage.MAIL] else self._facts(session, s))
         facts.sender = envelope.sender
         facts.auth = envelope.facts.get("auth")
         verdict, accept = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
@@ -545,9 +550,8 @@ class RulesCheck(Check):
         rules = self.by_stage[Stage.RCPT]
         if not rules:
             return None
-        facts = self._facts(session, s)
-        if self.waits[Stage.RCPT]:
-            await self._wait(session, s, Stage.RCPT, facts)
+        facts = (await self._stage_facts(session, s, Stage.RCPT)
+                 if self.waits[Stage.RCPT] else self._facts(session, s))
         facts.sender, facts.recipient = envelope.sender, recipient
         facts.auth = envelope.facts.get("auth")
         facts.recipients = envelope.recipients
@@ -579,9 +583,8 @@ class RulesCheck(Check):
                                   finder.feed if finder is not None else None)
         rules = self.by_stage[Stage.HEADERS]
         if rules and not (s.accepted or tx.accepted or tx.pending):
-            facts = self._facts(session, s)
-            if self.waits[Stage.HEADERS]:
-                await self._wait(session, s, Stage.HEADERS, facts)
+            facts = (await self._stage_facts(session, s, Stage.HEADERS)
+                     if self.waits[Stage.HEADERS] else self._facts(session, s))
             self._envelope_facts(facts, envelope, headers)
             verdict, accept = self._run(Stage.HEADERS, rules, facts, s, tx.scores,
                                         tx.hits, tx.headers)
@@ -621,9 +624,8 @@ class RulesCheck(Check):
         # mail (abuse reports quote spam) is not refused now
         if not rules or s.accepted or tx.accepted or tx.pending:
             return None
-        facts = self._facts(session, s)
-        if self.waits[Stage.DATA]:
-            await self._wait(session, s, Stage.DATA, facts)
+        facts = (await self._stage_facts(session, s, Stage.DATA)
+                 if self.waits[Stage.DATA] else self._facts(session, s))
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
         facts.scans = envelope.facts  # the scanners' results: their observers ended first
