@@ -63,8 +63,9 @@ end
 if amount > 0 then
   redis.call('HINCRBY', KEYS[1], string.format('%d', current), amount)
   total = total + amount
-  -- the newest event leaves the window with the sub-window it is in
-  local expires = math.ceil((current + buckets) * width * 1000)
+  -- the newest event leaves the window with the sub-window it is in; floor, not ceil: a
+  -- float product a hair above the boundary must not keep the key past now + window
+  local expires = math.floor((current + buckets) * width * 1000)
   redis.call('PEXPIREAT', KEYS[1], string.format('%d', expires))
 end
 return total
