@@ -298,6 +298,14 @@ class RulesCheck(Check):
         tx = envelope.facts.get(_KEY)
         if tx is None:
             s = self._session(session)
+            if s.facts is not None:
+                s.facts.forget_transaction()
+            # (a score, a monitor score or a deferred refusal comes with a hit)
+            if not (s.hits or s.helo_hits or s.pending or s.helo_pending or s.headers
+                    or s.helo_headers):
+                # nothing hit at connect or HELO (most sessions): nothing to carry or log
+                tx = envelope.facts[_KEY] = _TxState(_Scores())
+                return tx
             scores = s.connect.copy()
             scores.score += s.helo.score
             scores.names += s.helo.names
@@ -305,8 +313,6 @@ class RulesCheck(Check):
             tx = envelope.facts[_KEY] = _TxState(scores, pending=s.pending or s.helo_pending,
                                                  hits=[*s.hits, *s.helo_hits],
                                                  headers=[*s.headers, *s.helo_headers])
-            if s.facts is not None:
-                s.facts.forget_transaction()
             self._log(envelope, tx)  # the hits of connect and HELO, whatever comes next
         return tx  # only this class writes _KEY
 

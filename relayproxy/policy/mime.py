@@ -575,20 +575,29 @@ def _transfer_decoder(cte: str) -> _Transfer:
 class _Text:
     """One text part: its transfer decoder, charset decoder and decoded pieces."""
 
-    __slots__ = ("codec", "decoder", "octets", "on_text", "pieces", "transfer")
+    __slots__ = ("codec", "decoder", "octets", "on_text", "pending", "pieces", "transfer")
 
     def __init__(self, transfer: _Transfer, charset: str | None,
                  on_text: Callable[[str], None] | None = None) -> None:
         self.on_text = on_text
         self.transfer = transfer
         self.codec = _codec(charset)
-        self.decoder = codecs.getincrementaldecoder(self.codec)(errors="replace")
+        # UTF-8, the usual codec, is decoded by the C function itself, its unfinished
+        # sequence kept here: what codecs' Python-level incremental decoder does around it
+        # cost as much as the decoding of a 4 KB part
+        self.decoder: codecs.IncrementalDecoder | None = None if self.codec == "utf-8" else \
+            codecs.getincrementaldecoder(self.codec)(errors="replace")
+        self.pending = b""
         self.pieces: list[str] = []
         self.octets = 0  # taken from the budget
 
     def decode(self, data: bytes, final: bool = False) -> None:
-        if self.codec == "utf-8":  # the usual codec, and one that never raises with "replace"
-            self._append(self.decoder.decode(data, final))
+        if self.decoder is None:  # UTF-8, which never raises with "replace"
+            if self.pending:
+                data = self.pending + data
+            text, used = codecs.utf_8_decode(data, "replace", final)
+            self.pending = data[used:]
+            self._append(text)
             return
         pending = self.decoder.getstate()[0]
         try:

@@ -151,6 +151,8 @@ class Facts:
         """Drop what a transaction added (the engine keeps one Facts per session): the next
         one starts unknown, and the body text (up to rules.body_scan_bytes, twice with its
         folded copy) is not held while the session waits."""
+        if self.sender is None:
+            return  # every stage that sets a transaction's facts sets the sender
         self.sender, self.recipient, self.recipients, self.headers = None, None, (), None
         self.size, self.body, self.attachments, self.part_types = 0, "", (), ()
         self._folded, self.body_seen, self.scans, self.auth = None, {}, {}, None
