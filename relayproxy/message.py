@@ -239,6 +239,13 @@ class MessageStream:
     def _seal(self) -> None:
         headers = self.headers
         assert headers is not None
+        # observers are still watching only when the section leaves before the end of data
+        # (_end_verdict took them): what they know by now may still go in their fields
+        for watch in self._observers:
+            try:
+                watch.observer.headers_leaving(headers)
+            except Exception as exc:
+                self.verdict = self.verdict or check_failed(watch.name, "headers", exc)
         headers.prepend_raw(self.received_field)
         self._write((headers.wire(),))
         headers.sealed = True

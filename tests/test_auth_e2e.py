@@ -356,6 +356,29 @@ def test_large_message_header_carries_what_is_known_and_dmarc_still_decides(
     assert mailboxes.deliveries() == []
 
 
+def test_large_unsigned_message_header_carries_dmarc_when_its_record_is_known(
+        proxy_factory: ProxyFactory, dns_server: Callable[..., DnsServer],
+        mailboxes: PostfixInstance) -> None:
+    # records the resolver may cache: the second message's DMARC record is known at once
+    cached = dns_server(txt=zone_records(), ttl=300)
+    config = base_config(mailboxes.port, server={"hold_bytes": 1024},
+                         dns={"nameservers": [cached.nameserver], "timeout": 2},
+                         auth={"enabled": True, "timeout": 5})
+    proxy = proxy_factory(config)
+    padding = b"more body text that makes the message outgrow the window\r\n" * 100
+    for _ in range(2):
+        out = send_message(proxy.host, proxy.port, "alice@signer.test", [RCPT],
+                           message() + padding)
+        assert out["dot"].code == 250, out["dot"]
+    delivered = mailboxes.wait_for_deliveries(2)
+    # no signature to verify, SPF known, the record known: DMARC needed no body
+    ar = _ar(delivered[-1])
+    assert "dkim=none" in ar and "dmarc=pass (p=reject dis=none) header.from=signer.test" in ar
+    assert [tx["dmarc"] for tx in proxy.wait_for_transactions(2)] == ["pass", "pass"]
+    assert proxy.metric("relayproxy_auth_results_total",
+                        {"method": "dmarc", "result": "pass"}) == 2
+
+
 def test_quarantine_is_tagged(proxy_factory: ProxyFactory, zone: DnsServer,
                               mailboxes: PostfixInstance) -> None:
     proxy = auth_proxy(proxy_factory, zone, mailboxes.port)

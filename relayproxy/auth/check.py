@@ -10,6 +10,9 @@ its end, the Authentication-Results field on top, and the replies their policies
              dkim=none, arc=none for a message without signature or seal) prepended.
   body       each DKIM signature's and ARC-Message-Signature's body hash, chunk by chunk
              (one canonicalisation pass per mode); the body itself is not kept.
+  leaving    (a message larger than the held window: its header section goes downstream
+             before the end) DMARC written too when it needs no body: no DKIM signature to
+             verify, and the record answered by then.
   end        DKIM, ARC, DMARC; the field replaced by the full one while the header section
              is still held; DMARC's policy decides (550 5.7.1 for reject).
 """
@@ -277,19 +280,20 @@ class AuthCheck(Check):
             return Verdict.reject(f"Message must have exactly one From address ({found})",
                                   550, "5.7.1",
                                   source="auth", check="dmarc")
-        record: dmarcmod.Record | None = tx.dmarc_cached
-        try:
-            if not tx.dmarc_known:
-                assert tx.dmarc_record is not None
-                async with asyncio.timeout(cfg.timeout):
-                    record = await tx.dmarc_record
-        except (TempDNSError, TimeoutError):
-            results.dmarc = dmarcmod.DMARCResult("temperror", tx.from_domain)
-            return self._act(cfg.dmarc.temperror, results, "temperror",
-                             f"DMARC policy of {tx.from_domain} unavailable")
-        spf = (results.spf.result, results.spf.domain) if results.spf else None
-        dkim = [(r.result, r.domain) for r in results.dkim or []]
-        result = results.dmarc = dmarcmod.evaluate(record, tx.from_domain, spf, dkim)
+        # decided already when the header section left (its pct drawn once): that result
+        result = results.dmarc
+        if result is None:
+            record: dmarcmod.Record | None = tx.dmarc_cached
+            try:
+                if not tx.dmarc_known:
+                    assert tx.dmarc_record is not None
+                    async with asyncio.timeout(cfg.timeout):
+                        record = await tx.dmarc_record
+            except (TempDNSError, TimeoutError):
+                results.dmarc = dmarcmod.DMARCResult("temperror", tx.from_domain)
+                return self._act(cfg.dmarc.temperror, results, "temperror",
+                                 f"DMARC policy of {tx.from_domain} unavailable")
+            result = results.dmarc = _evaluate(results, tx.from_domain, record)
         if result.result == "pass" or (result.result == "none"):
             if tx.spf_deferred and result.result == "none" and results.spf is not None:
                 # no policy after all (the From domain differs): SPF's own fail stands
@@ -308,6 +312,26 @@ class AuthCheck(Check):
         return self._act(action, results, f"fail policy={result.policy}",
                          f"DMARC policy of {tx.from_domain} ({result.policy}) rejects "
                          "unauthenticated mail")
+
+    def headers_leaving(self, tx: _Tx, headers: HeaderSection) -> None:
+        """The header section leaves before the end of data: DMARC goes in our field when it
+        needs no body, that is no DKIM signature to verify, and its record is at hand."""
+        cfg = self.config
+        if (not cfg.dmarc.enabled or tx.from_domain is None or tx.field is None
+                or (tx.verifier is not None and tx.verifier.signatures)):
+            return
+        if tx.dmarc_known:
+            record = tx.dmarc_cached
+        else:
+            task = tx.dmarc_record
+            if (task is None or not task.done() or task.cancelled()
+                    or task.exception() is not None):
+                return  # not answered yet, or failed: decided (or not) at the end
+            record = task.result()
+        tx.results.dmarc = _evaluate(tx.results, tx.from_domain, record)
+        new = tx.results.field(self.hostname)
+        headers.replace_prepended(tx.field, new)
+        tx.field = new
 
     def _override(self, session: SessionInfo, results: AuthResults) -> bool:
         """Local policy over the domain's: trusted forwarders and ARC sealers."""
@@ -343,6 +367,13 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+def _evaluate(results: AuthResults, domain: str, record: dmarcmod.Record | None
+              ) -> dmarcmod.DMARCResult:
+    spf = (results.spf.result, results.spf.domain) if results.spf else None
+    dkim = [(r.result, r.domain) for r in results.dkim or []]
+    return dmarcmod.evaluate(record, domain, spf, dkim)
+
+
 def _tagged(results: AuthResults) -> list[str]:
     return [n for n in results.notes if n.startswith(("spf=", "dmarc="))]
 
@@ -365,6 +396,9 @@ class _Observer(BodyObserver):
 
     async def end(self, message: MessageInfo) -> Verdict | None:
         return await self.check.finish(self.session, self.envelope, self.tx, message)
+
+    def headers_leaving(self, headers: HeaderSection) -> None:
+        self.check.headers_leaving(self.tx, headers)
 
     def abort(self) -> None:
         self.tx.cancel()
