@@ -10,8 +10,9 @@
 2. With a check that adds fields at the end of data (Need.END_HEADERS), the message is held up
    to server.hold_bytes: one that ends within it is forwarded whole after the end-of-data checks
    ran, so results computed over the whole message go on top, truthfully. A larger one starts
-   streaming when the window is full, with the fields known by then; its end-of-data verdict
-   still decides at the withheld dot.
+   streaming when the window is full, with the fields known by then (the observers are told
+   first: BodyObserver.headers_leaving); its end-of-data verdict still decides at the withheld
+   dot.
 3. Body observers get message bytes (dot-stuffing removed) as the data arrives, and are awaited
    before the next read: a slow observer slows the client (backpressure, not buffering).
 
@@ -239,6 +240,13 @@ class MessageStream:
     def _seal(self) -> None:
         headers = self.headers
         assert headers is not None
+        # observers are still watching only when the section leaves before the end of data
+        # (_end_verdict took them): what they know by now may still go in their fields
+        for watch in self._observers:
+            try:
+                watch.observer.headers_leaving(headers)
+            except Exception as exc:
+                self.verdict = self.verdict or check_failed(watch.name, "headers", exc)
         headers.prepend_raw(self.received_field)
         self._write((headers.wire(),))
         headers.sealed = True

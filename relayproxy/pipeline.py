@@ -102,8 +102,7 @@ def auth_checks(config: Config, services: Services) -> list[Check]:
     # imported here: pyspf, dkimpy, the Public Suffix List and GMP cost ~10 MB per process
     from .auth.check import AuthCheck
 
-    return [AuthCheck(config.auth, services.resolver, config.server.hostname,
-                      config.server.hold_bytes)]
+    return [AuthCheck(config.auth, services.resolver, config.server.hostname)]
 
 
 def build_pipeline(config: Config, services: Services, trace: bool = False) -> Pipeline:

@@ -9,7 +9,6 @@ the chunks the body arrives in (Hypothesis draws the split points).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import socket
 import time
@@ -25,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.authkeys import ed25519_key, rsa_key, sign, tamper_body, tamper_header
 from support.dns import DnsServer
+from support.streamed import feed_body, fetch_keys
 
 from relayproxy.auth.dkim import (
     ORIGINAL_INT2STR,
@@ -32,6 +32,7 @@ from relayproxy.auth.dkim import (
     ORIGINAL_RSA_ENCRYPT,
     ORIGINAL_STR2INT,
     BodyCanon,
+    BodyHashes,
     Verifier,
     _emsa_prefix,
     parse_header,
@@ -39,9 +40,6 @@ from relayproxy.auth.dkim import (
     relaxed_headers,
     validate_signature_fields,
 )
-from relayproxy.auth.lookup import TempDNSError, txt
-from relayproxy.config import DNSConfig, HostPort
-from relayproxy.dns import make_resolver
 
 D = "signer.test"
 BASE = (b"From: Alice <alice@signer.test>\r\nTo: bob@relay.test\r\nSubject: DKIM corpus\r\n"
@@ -143,24 +141,8 @@ def _verify_streamed(message: bytes, host: str, port: int, dns_timeout: float,
     """The streamed verifier's results: keys looked up at host:port, the body fed in cuts."""
     head, _, body = message.partition(b"\r\n\r\n")
     verifier = Verifier(head + b"\r\n", 5, 1024)
-    resolver = make_resolver(DNSConfig(nameservers=(HostPort(host, port),),
-                                       timeout=dns_timeout))
-
-    async def keys() -> dict[str, list[bytes] | None]:
-        found: dict[str, list[bytes] | None] = {}
-        for name in verifier.key_names:
-            try:
-                found[name] = await txt(resolver, name)
-            except TempDNSError:
-                found[name] = None
-        return found
-
-    table = asyncio.run(asyncio.wait_for(keys(), 10))
-    prev = 0
-    for cut in [*sorted(c % (len(body) + 1) for c in cuts), len(body)]:
-        verifier.feed(body[prev:cut])
-        prev = max(prev, cut)
-    verifier.end()
+    table = fetch_keys(verifier.key_names, host, port, dns_timeout)
+    feed_body(BodyHashes(verifier.hashes), body, cuts)
     return [r.result for r in verifier.results(table)]
 
 

@@ -205,15 +205,22 @@ def test_arc_sealed_forward_from_trusted_sealer_passes(proxy_factory: ProxyFacto
     strict = auth_proxy(proxy_factory, zone, mailboxes.port)
     out = send_message(strict.host, strict.port, "list@forwarder.test", [RCPT], forwarded)
     assert out["dot"].code == 550, out["dot"]
-    # a chain on a message larger than the held window is not verified: no arc result, so
-    # no override either
+    # a chain on a message larger than the held window is verified all the same (the body
+    # hashes streamed), and the sealer's override applies at the withheld dot
+    mailboxes.clear_mailboxes()
     small = proxy_factory(base_config(
         mailboxes.port, server={"hold_bytes": 64},
         dns={"nameservers": [zone.nameserver], "timeout": 2},
         auth={"enabled": True, "timeout": 5, "arc": {"trusted_sealers": ["sealer.test"]}}))
     out = send_message(small.host, small.port, "list@forwarder.test", [RCPT], forwarded)
-    assert out["dot"].code == 550, out["dot"]
-    assert "arc" not in small.wait_for_transactions(1)[0]
+    assert out["dot"].code == 250, out["dot"]
+    tx = small.wait_for_transactions(1)[0]
+    assert (tx["arc"], tx["dmarc"]) == ("pass", "fail:reject"), tx
+    assert "dmarc_override=arc:sealer.test" in tx["auth_notes"]
+    (delivered,) = mailboxes.wait_for_deliveries(1)
+    ar = _ar(delivered)
+    # its header section left before the chain could be verified: no arc= written
+    assert "spf=pass" in ar and "arc=" not in ar and "dmarc=" not in ar, ar
 
 
 def test_dns_failure_gives_temperror_never_a_hang(proxy_factory: ProxyFactory,
@@ -309,24 +316,36 @@ def test_test_message_shows_results_and_header(zone: DnsServer, tmp_path: Any) -
     assert "added header: Authentication-Results: proxy.test;" in done.stdout, done.stdout
 
 
-def test_large_message_header_carries_spf_only_and_dmarc_still_decides(
+def test_large_message_header_carries_what_is_known_and_dmarc_still_decides(
         proxy_factory: ProxyFactory, zone: DnsServer, mailboxes: PostfixInstance) -> None:
     config = base_config(mailboxes.port, server={"hold_bytes": 1024},
                          dns={"nameservers": [zone.nameserver], "timeout": 2},
                          auth={"enabled": True, "timeout": 5})
     proxy = proxy_factory(config)
-    big = message() + b"more body text that makes the message outgrow the window\r\n" * 100
+    padding = b"more body text that makes the message outgrow the window\r\n" * 100
     out = send_message(proxy.host, proxy.port, "alice@signer.test", [RCPT],
-                       sign(big, "rsa", "signer.test", rsa_key()))
+                       sign(message() + padding, "rsa", "signer.test", rsa_key()))
     assert out["dot"].code == 250, out["dot"]
     (delivered,) = mailboxes.wait_for_deliveries(1)
     ar = _ar(delivered)
-    # what was known when the header section left: SPF; no result that was not computed
-    assert "spf=pass smtp.mailfrom=signer.test" in ar, ar
-    assert "dkim=" not in ar and "dmarc=" not in ar and "arc=" not in ar
+    # what was known when the header section left: SPF, and no ARC-Seal (arc=none); the
+    # signature's result needed the body, DMARC that result: neither was written
+    assert "spf=pass smtp.mailfrom=signer.test" in ar and "arc=none" in ar, ar
+    assert "dkim=" not in ar and "dmarc=" not in ar
     tx = proxy.wait_for_transactions(1)[0]
-    assert (tx["dkim"], tx["dmarc"]) == ("pass:signer.test", "pass")
-    assert tx["arc"] == "none"  # no ARC-Seal in the header section: known without the body
+    assert (tx["dkim"], tx["dmarc"], tx["arc"]) == ("pass:signer.test", "pass", "none")
+    # unsigned: dkim=none is known from the header section too
+    mailboxes.clear_mailboxes()
+    out = send_message(proxy.host, proxy.port, "list@forwarder.test", [RCPT],
+                       message("someone@nodmarc.test") + padding)
+    assert out["dot"].code == 250, out["dot"]
+    (delivered,) = mailboxes.wait_for_deliveries(1)
+    ar = _ar(delivered)
+    assert "spf=pass" in ar and "dkim=none" in ar and "arc=none" in ar, ar
+    assert ar.count("dkim=") == 1 and ar.count("arc=") == 1
+    for method in ("dkim", "arc"):  # counted once per message, header or not
+        assert proxy.metric("relayproxy_auth_results_total",
+                            {"method": method, "result": "none"}) == 1 + (method == "arc")
     # the withheld dot: a DMARC reject still refuses a large message, nothing delivered
     mailboxes.clear_mailboxes()
     forged = message("ceo@reject.test") + b"x" * 70 + b"\r\n" * 1
@@ -335,6 +354,29 @@ def test_large_message_header_carries_spf_only_and_dmarc_still_decides(
     assert (out["dot"].code, out["dot"].enhanced) == (550, "5.7.1"), out["dot"]
     mailboxes.wait_queue_empty()
     assert mailboxes.deliveries() == []
+
+
+def test_large_unsigned_message_header_carries_dmarc_when_its_record_is_known(
+        proxy_factory: ProxyFactory, dns_server: Callable[..., DnsServer],
+        mailboxes: PostfixInstance) -> None:
+    # records the resolver may cache: the second message's DMARC record is known at once
+    cached = dns_server(txt=zone_records(), ttl=300)
+    config = base_config(mailboxes.port, server={"hold_bytes": 1024},
+                         dns={"nameservers": [cached.nameserver], "timeout": 2},
+                         auth={"enabled": True, "timeout": 5})
+    proxy = proxy_factory(config)
+    padding = b"more body text that makes the message outgrow the window\r\n" * 100
+    for _ in range(2):
+        out = send_message(proxy.host, proxy.port, "alice@signer.test", [RCPT],
+                           message() + padding)
+        assert out["dot"].code == 250, out["dot"]
+    delivered = mailboxes.wait_for_deliveries(2)
+    # no signature to verify, SPF known, the record known: DMARC needed no body
+    ar = _ar(delivered[-1])
+    assert "dkim=none" in ar and "dmarc=pass (p=reject dis=none) header.from=signer.test" in ar
+    assert [tx["dmarc"] for tx in proxy.wait_for_transactions(2)] == ["pass", "pass"]
+    assert proxy.metric("relayproxy_auth_results_total",
+                        {"method": "dmarc", "result": "pass"}) == 2
 
 
 def test_quarantine_is_tagged(proxy_factory: ProxyFactory, zone: DnsServer,

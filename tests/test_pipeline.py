@@ -144,6 +144,7 @@ def test_message_in_window_carries_a_field_computed_from_the_whole_body(
     expected = hashlib.sha256(delivered_body).hexdigest()
     assert delivered_body == _split(body)[1]
     assert f"X-Body-Digest: sha256={expected} size={len(delivered_body)}".encode() in head, head
+    assert b"X-Body-Observed" not in head, "told the header section left early: it did not"
     assert head.startswith(b"Received: "), head
 
 
@@ -159,6 +160,8 @@ def test_message_over_window_streams_and_end_verdict_still_decides(
     (raw,) = server.wait_for_messages(1)
     head, body = _split(raw)
     assert b"X-Body-Digest" not in head, "a field written for a message that was not held"
+    # told before the section left, what it knew then went with it
+    assert b"octets when the header section left" in head, head
     assert body == block * 4000
     # the same size, refused by what only its end shows: streamed, but never delivered
     refused, client = _send(proxy, big + b"REFUSE-AT-END\r\n")
@@ -176,6 +179,7 @@ def test_window_zero_never_holds(proxy_factory: ProxyFactory, scripted: Scripted
     assert _deliver(proxy, b"Subject: small\r\n\r\nsmall\r\n").code == 250
     (raw,) = server.wait_for_messages(1)
     assert b"X-Body-Digest" not in raw
+    assert b"X-Body-Observed: 0 octets when the header section left" in raw
 
 
 def test_hundred_megabytes_through_the_window_with_flat_rss(

@@ -2,6 +2,7 @@
 
 spf.py (pyspf fed by the async resolver), dkim.py (body hashes computed as the body streams,
 dkimpy's header verification), dmarc.py (policy and alignment, the public suffix list), arc.py
-(dkimpy's arc_verify on messages held whole), results.py (the RFC 8601 field), check.py (the
-Check that runs them at MAIL, on the header section and at the end of data).
+(dkimpy's ARC verification on the header section, its body hashes streamed beside DKIM's),
+results.py (the RFC 8601 field), check.py (the Check that runs them at MAIL, on the header
+section and at the end of data).
 """

@@ -5,10 +5,14 @@ its end, the Authentication-Results field on top, and the replies their policies
              the domain publishes DMARC (then DMARC decides at the end of data); temperror
              451 4.7.24; each result's action is in [auth.spf].
   headers    forged Authentication-Results (our authserv-id) removed; the DKIM signatures
-             parsed and their keys, the DMARC record and the ARC keys fetched in the
-             background; a first Authentication-Results with what is known (SPF) prepended.
-  body       each signature's body hash, chunk by chunk; the body kept for ARC while the
-             message still fits the held window (server.hold_bytes).
+             and the ARC chain parsed, their keys and the DMARC record fetched in the
+             background; a first Authentication-Results with what is known (SPF, and
+             dkim=none, arc=none for a message without signature or seal) prepended.
+  body       each DKIM signature's and ARC-Message-Signature's body hash, chunk by chunk
+             (one canonicalisation pass per mode); the body itself is not kept.
+  leaving    (a message larger than the held window: its header section goes downstream
+             before the end) DMARC written too when it needs no body: no DKIM signature to
+             verify, and the record answered by then.
   end        DKIM, ARC, DMARC; the field replaced by the full one while the header section
              is still held; DMARC's policy decides (550 5.7.1 for reject).
 """
@@ -30,7 +34,7 @@ from ..policy.verdict import Verdict
 from . import arc as arcmod
 from . import dmarc as dmarcmod
 from . import spf as spfmod
-from .dkim import Verifier
+from .dkim import BodyHash, BodyHashes, Verifier
 from .lookup import TempDNSError, cached_txt, txt
 from .results import AuthResults, aar_authserv_id, authserv_id
 
@@ -57,6 +61,8 @@ class _Tx:
         self.results = AuthResults()
         self.spf_deferred = False  # SPF fail left to DMARC
         self.verifier: Verifier | None = None
+        self.chain: arcmod.Chain | None = None  # with an ARC-Seal
+        self.body: BodyHashes | None = None  # the DKIM and ARC body hashes, streamed
         self.lookups: dict[str, asyncio.Task[list[bytes]]] = {}
         self.known: dict[str, list[bytes]] = {}  # answered from the resolver's cache
         self.dmarc_record: asyncio.Task[dmarcmod.Record | None] | None = None
@@ -64,8 +70,6 @@ class _Tx:
         self.dmarc_cached: dmarcmod.Record | None = None
         self.from_domain: str | None = None
         self.from_count = 0
-        self.arc_header: bytes | None = None  # the header section, when there is a chain
-        self.arc_fields: list[tuple[bytes, bytes]] = []
         self.field: bytes | None = None  # our Authentication-Results, as prepended
 
     def cancel(self) -> None:
@@ -81,12 +85,11 @@ class AuthCheck(Check):
     instant = True  # every DNS wait is bounded by auth.timeout
 
     def __init__(self, config: AuthConfig, resolver: dns.asyncresolver.Resolver,
-                 hostname: str, hold_bytes: int) -> None:
+                 hostname: str) -> None:
         self.config = config
         self.resolver = resolver
         self.hostname = hostname
         self.authserv = hostname.lower()
-        self.hold_bytes = hold_bytes
         self.forwarders = tuple(ipaddress.ip_network(n, strict=False)
                                 for n in config.dmarc.trusted_forwarders)
         self.sealers = frozenset(d.lower().rstrip(".") for d in config.arc.trusted_sealers)
@@ -147,10 +150,14 @@ class AuthCheck(Check):
         tx = self._tx(envelope)
         cfg = self.config
         original = b"".join(f.raw for f in headers.fields)  # as it came: what was signed
+        hashes: list[BodyHash] = []
         if cfg.dkim.enabled:
             tx.verifier = Verifier(original, cfg.dkim.max_signatures, cfg.dkim.min_key_bits)
             for name in tx.verifier.key_names:
                 self._fetch(tx, name)
+            hashes += tx.verifier.hashes
+            if not tx.verifier.signatures:
+                tx.results.dkim = []  # known now, for every message size: dkim=none
         froms = [f.value for f in headers.get_lower("from")]
         tx.from_count = len(froms)
         tx.from_domain = dmarcmod.from_domain(froms)
@@ -164,12 +171,17 @@ class AuthCheck(Check):
                 tx.dmarc_record.add_done_callback(_retrieved)
         seals: dict[int, str] = {}
         if cfg.arc.enabled and headers.get_lower("arc-seal"):
-            tx.arc_fields = [(f.name.encode(), f.raw.split(b":", 1)[1]) for f in headers.fields
-                             if f.lname.startswith("arc-")]
-            seals = arcmod.seals(tx.arc_fields)
-            tx.arc_header = original
-            for name in arcmod.key_names(tx.arc_fields):
+            arc_fields = [(f.name.encode(), f.raw.split(b":", 1)[1]) for f in headers.fields
+                          if f.lname.startswith("arc-")]
+            seals = arcmod.seals(arc_fields)
+            tx.chain = arcmod.Chain(original, cfg.dkim.min_key_bits)
+            for name in arcmod.key_names(arc_fields):
                 self._fetch(tx, name)
+            hashes += tx.chain.hashes
+        elif cfg.arc.enabled:
+            tx.results.arc = arcmod.ARCResult("none")  # no seal: known now
+        if hashes:
+            tx.body = BodyHashes(hashes)
         self._strip_forged(headers, seals)
         tx.field = tx.results.field(self.hostname)
         headers.prepend_raw(tx.field)
@@ -227,21 +239,19 @@ class AuthCheck(Check):
         return keys
 
     async def finish(self, session: SessionInfo, envelope: Envelope, tx: _Tx,
-                     message: MessageInfo, body: bytes | None) -> Verdict | None:
+                     message: MessageInfo) -> Verdict | None:
         cfg = self.config
         results = tx.results
         keys = await self._keys(tx)
+        if tx.body is not None:
+            tx.body.end()
         if tx.verifier is not None:
-            tx.verifier.end()
             results.dkim = tx.verifier.results(keys)
             for word in [r.result for r in results.dkim] or ["none"]:
                 _count("dkim", word)
-        if tx.arc_header is not None and body is not None:
-            message_bytes = tx.arc_header + b"\r\n" + body
-            results.arc = arcmod.verify(message_bytes, keys, cfg.dkim.min_key_bits)
-        elif cfg.arc.enabled and tx.arc_header is None:
-            results.arc = arcmod.ARCResult("none")
-        if results.arc is not None:
+        if tx.chain is not None:
+            results.arc = tx.chain.verify(keys)
+        if results.arc is not None:  # a result, or none since the header section
             _count("arc", results.arc.result)
         verdict = await self._dmarc(session, tx)
         if results.dmarc is not None:
@@ -270,19 +280,20 @@ class AuthCheck(Check):
             return Verdict.reject(f"Message must have exactly one From address ({found})",
                                   550, "5.7.1",
                                   source="auth", check="dmarc")
-        record: dmarcmod.Record | None = tx.dmarc_cached
-        try:
-            if not tx.dmarc_known:
-                assert tx.dmarc_record is not None
-                async with asyncio.timeout(cfg.timeout):
-                    record = await tx.dmarc_record
-        except (TempDNSError, TimeoutError):
-            results.dmarc = dmarcmod.DMARCResult("temperror", tx.from_domain)
-            return self._act(cfg.dmarc.temperror, results, "temperror",
-                             f"DMARC policy of {tx.from_domain} unavailable")
-        spf = (results.spf.result, results.spf.domain) if results.spf else None
-        dkim = [(r.result, r.domain) for r in results.dkim or []]
-        result = results.dmarc = dmarcmod.evaluate(record, tx.from_domain, spf, dkim)
+        # decided already when the header section left (its pct drawn once): that result
+        result = results.dmarc
+        if result is None:
+            record: dmarcmod.Record | None = tx.dmarc_cached
+            try:
+                if not tx.dmarc_known:
+                    assert tx.dmarc_record is not None
+                    async with asyncio.timeout(cfg.timeout):
+                        record = await tx.dmarc_record
+            except (TempDNSError, TimeoutError):
+                results.dmarc = dmarcmod.DMARCResult("temperror", tx.from_domain)
+                return self._act(cfg.dmarc.temperror, results, "temperror",
+                                 f"DMARC policy of {tx.from_domain} unavailable")
+            result = results.dmarc = _evaluate(results, tx.from_domain, record)
         if result.result == "pass" or (result.result == "none"):
             if tx.spf_deferred and result.result == "none" and results.spf is not None:
                 # no policy after all (the From domain differs): SPF's own fail stands
@@ -301,6 +312,26 @@ class AuthCheck(Check):
         return self._act(action, results, f"fail policy={result.policy}",
                          f"DMARC policy of {tx.from_domain} ({result.policy}) rejects "
                          "unauthenticated mail")
+
+    def headers_leaving(self, tx: _Tx, headers: HeaderSection) -> None:
+        """The header section leaves before the end of data: DMARC goes in our field when it
+        needs no body, that is no DKIM signature to verify, and its record is at hand."""
+        cfg = self.config
+        if (not cfg.dmarc.enabled or tx.from_domain is None or tx.field is None
+                or (tx.verifier is not None and tx.verifier.signatures)):
+            return
+        if tx.dmarc_known:
+            record = tx.dmarc_cached
+        else:
+            task = tx.dmarc_record
+            if (task is None or not task.done() or task.cancelled()
+                    or task.exception() is not None):
+                return  # not answered yet, or failed: decided (or not) at the end
+            record = task.result()
+        tx.results.dmarc = _evaluate(tx.results, tx.from_domain, record)
+        new = tx.results.field(self.hostname)
+        headers.replace_prepended(tx.field, new)
+        tx.field = new
 
     def _override(self, session: SessionInfo, results: AuthResults) -> bool:
         """Local policy over the domain's: trusted forwarders and ARC sealers."""
@@ -336,6 +367,13 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+def _evaluate(results: AuthResults, domain: str, record: dmarcmod.Record | None
+              ) -> dmarcmod.DMARCResult:
+    spf = (results.spf.result, results.spf.domain) if results.spf else None
+    dkim = [(r.result, r.domain) for r in results.dkim or []]
+    return dmarcmod.evaluate(record, domain, spf, dkim)
+
+
 def _tagged(results: AuthResults) -> list[str]:
     return [n for n in results.notes if n.startswith(("spf=", "dmarc="))]
 
@@ -351,27 +389,18 @@ class _Observer(BodyObserver):
         self.session = session
         self.envelope = envelope
         self.tx = tx
-        # the body, for ARC, while the message may still end within the held window
-        self.body: list[bytes] | None = [] if tx.arc_header is not None else None
-        self.size = 0
 
     async def feed(self, chunk: bytes) -> None:
-        if self.tx.verifier is not None:
-            self.tx.verifier.feed(chunk)
-        if self.body is not None:
-            self.size += len(chunk)
-            if self.size > self.check.hold_bytes:
-                self.body = None  # too large to verify the chain: no arc result
-            else:
-                self.body.append(chunk)
+        if self.tx.body is not None:
+            self.tx.body.feed(chunk)
 
     async def end(self, message: MessageInfo) -> Verdict | None:
-        body = b"".join(self.body) if self.body is not None else None
-        self.body = None
-        return await self.check.finish(self.session, self.envelope, self.tx, message, body)
+        return await self.check.finish(self.session, self.envelope, self.tx, message)
+
+    def headers_leaving(self, headers: HeaderSection) -> None:
+        self.check.headers_leaving(self.tx, headers)
 
     def abort(self) -> None:
-        self.body = None
         self.tx.cancel()
 
 

@@ -288,6 +288,48 @@ class BodyCanon:
 
 
 @dataclass(slots=True)
+class BodyHash:
+    """One body hash to compute as the body streams: its canonicalisation, hash and l=."""
+
+    relaxed: bool  # relaxed body canonicalisation (else simple)
+    hasher: Any
+    remaining: int | None = None  # l=: body octets still to hash
+
+    def update(self, data: bytes) -> None:
+        if self.remaining is not None:
+            data = data[: self.remaining]
+            self.remaining -= len(data)
+        self.hasher.update(data)
+
+    def digest(self) -> bytes:
+        digest: bytes = self.hasher.digest()
+        return digest
+
+
+class BodyHashes:
+    """The body hashes of one message, DKIM's and ARC's alike, fed as the body streams: one
+    canonicalisation pass per mode, whatever the number of hashes it feeds."""
+
+    __slots__ = ("_canons",)
+
+    def __init__(self, hashes: list[BodyHash]) -> None:
+        by_mode: dict[bool, list[BodyHash]] = {}
+        for h in hashes:
+            by_mode.setdefault(h.relaxed, []).append(h)
+        self._canons = [BodyCanon(relaxed, _fanout(group))
+                        for relaxed, group in by_mode.items()]
+
+    def feed(self, chunk: bytes) -> None:
+        for canon in self._canons:
+            canon.feed(chunk)
+
+    def end(self) -> None:
+        for canon in self._canons:
+            canon.end()
+        self._canons = []
+
+
+@dataclass(slots=True)
 class Signature:
     """One DKIM-Signature field of the message, as dkimpy reads it."""
 
@@ -296,9 +338,7 @@ class Signature:
     error: str = ""  # the field is unusable (dkimpy raises on it): permerror
     domain: str = ""
     selector: str = ""
-    hasher: Any = None
-    remaining: int | None = None  # l=: body octets still to hash
-    body_hash: bytes = b""
+    body: BodyHash | None = None  # set when the field is usable
     header: tuple[bytes, bytes] = (b"", b"")  # the DKIM-Signature field (name, value)
     include: list[bytes] = field(default_factory=list)  # h=, lower case
     relaxed_header: bool = False  # c= (else simple)
@@ -306,17 +346,6 @@ class Signature:
     @property
     def key_name(self) -> str:
         return f"{self.selector}._domainkey.{self.domain}"
-
-    @property
-    def relaxed_body(self) -> bool:
-        c = self.fields.get(b"c", b"simple/simple").split(b"/")
-        return len(c) == 2 and c[1] == b"relaxed"
-
-    def update(self, data: bytes) -> None:
-        if self.remaining is not None:
-            data = data[: self.remaining]
-            self.remaining -= len(data)
-        self.hasher.update(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,14 +362,14 @@ def _domain(value: bytes) -> str:
 
 
 class Verifier:
-    """The DKIM signatures of one message: parse at the header section, hash the body as it
-    streams, verify at the end with keys fetched by then."""
+    """The DKIM signatures of one message: parse at the header section, their body hashes
+    (`hashes`) fed to BodyHashes as the body streams, verify at the end with keys fetched by
+    then."""
 
     def __init__(self, header: bytes, max_signatures: int, min_key_bits: int) -> None:
         self.header = header  # the held header section, message bytes, as it came
         self.min_key_bits = min_key_bits
         self.signatures: list[Signature] = []
-        self._canons: list[BodyCanon] = []
         self.headers: list[list[bytes]] = []
         try:
             # dkimpy's DKIM(header + CRLF) parses the section so
@@ -355,12 +384,6 @@ class Verifier:
         found = [(n, v) for n, v in self.headers if n.lower() == b"dkim-signature"]
         for index in range(min(len(found), max_signatures)):
             self.signatures.append(self._parse(index, found[index]))
-        by_mode: dict[bool, list[Signature]] = {}
-        for sig in self.signatures:
-            if not sig.error:
-                by_mode.setdefault(sig.relaxed_body, []).append(sig)
-        for relaxed, sigs in by_mode.items():
-            self._canons.append(BodyCanon(relaxed, _fanout(sigs)))
 
     def _parse(self, index: int, header: tuple[bytes, bytes]) -> Signature:
         """dkimpy's verify_headerprep(index) and its c= check, on the signature's field."""
@@ -373,6 +396,8 @@ class Verifier:
             validate_signature_fields(fields)
             include = [x.lower() for x in _H_SPLIT.split(fields[b"h"])]
             policy = CanonicalizationPolicy.from_c_value(fields.get(b"c", b"simple/simple"))
+            body = BodyHash(policy.body_algorithm is Relaxed, HASH_ALGORITHMS[fields[b"a"]](),
+                            int(fields[b"l"]) if b"l" in fields else None)
         except Exception as exc:  # the sender wrote this field
             # dkimpy's own errors, and anything else a malformed field trips: that signature
             # is a permerror, never an exception that tempfails the message at every retry
@@ -387,9 +412,7 @@ class Verifier:
         sig.relaxed_header = policy.header_algorithm is Relaxed
         sig.domain = _domain(fields[b"d"])
         sig.selector = _domain(fields[b"s"])
-        sig.hasher = HASH_ALGORITHMS[fields[b"a"]]()
-        if b"l" in fields:
-            sig.remaining = int(fields[b"l"])
+        sig.body = body
         return sig
 
     @property
@@ -397,14 +420,9 @@ class Verifier:
         return list(dict.fromkeys(s.key_name for s in self.signatures
                                   if not s.error and s.domain and s.selector))
 
-    def feed(self, chunk: bytes) -> None:
-        for canon in self._canons:
-            canon.feed(chunk)
-
-    def end(self) -> None:
-        for canon in self._canons:
-            canon.end()
-        self._canons = []
+    @property
+    def hashes(self) -> list[BodyHash]:
+        return [s.body for s in self.signatures if s.body is not None]
 
     def results(self, keys: dict[str, list[bytes] | None]) -> list[DKIMResult]:
         """Each signature's result, given its key records (None: the lookup failed)."""
@@ -416,7 +434,7 @@ class Verifier:
         def done(result: str, reason: str) -> DKIMResult:
             return DKIMResult(result, sig.domain, sig.selector, b, reason)
 
-        if sig.error:
+        if sig.error or sig.body is None:
             return done("permerror", sig.error)
         records = keys.get(sig.key_name)
         if records is None:
@@ -429,7 +447,7 @@ class Verifier:
         except (dkimpy.DKIMException, ValueError) as exc:
             return done("permerror", f"bad key: {exc}")
         want = _b64(sig.fields[b"bh"])
-        if sig.hasher.digest() != want:
+        if sig.body.digest() != want:
             return done("fail", "body hash mismatch")
         try:
             ok = self._verify_header(sig, pk, keysize, ktag, seqtlsrpt)
@@ -487,12 +505,12 @@ def _simple_headers(headers: list[Any]) -> list[Any]:
 _SIGNATURE_START = re.compile(rb"(?im)^dkim-signature[ \t]*:")
 
 
-def _fanout(sigs: list[Signature]) -> Callable[[bytes], None]:
-    if len(sigs) == 1:
-        return sigs[0].update
+def _fanout(hashes: list[BodyHash]) -> Callable[[bytes], None]:
+    if len(hashes) == 1:
+        return hashes[0].update
 
     def emit(data: bytes) -> None:
-        for sig in sigs:
-            sig.update(data)
+        for h in hashes:
+            h.update(data)
 
     return emit

@@ -10,6 +10,8 @@ In DATA a check can also watch the message (relayproxy.message runs this):
   - body_observer: a per-message object fed the body as message bytes (dot-stuffing removed),
     chunk by chunk, then asked for its verdict at the end of data; it may be async (a scanner
     connection), and while it awaits, the client is not read: backpressure, not buffering;
+    when the header section leaves before the end of data (a message larger than the held
+    window), it is told first (headers_leaving) and may still replace what it prepended;
   - on_data_end: the end-of-data verdict, while the downstream still waits for the final dot.
 on_rcpt_reply sees the downstream's answer to each RCPT (and may replace it).
 A check declares in `needs` what it reads, so a message nobody watches costs nothing extra.
@@ -92,6 +94,13 @@ class BodyObserver:
     async def end(self, message: MessageInfo) -> Verdict | None:
         """The end of data: the verdict (fields may be prepended while not headers_sent)."""
         return None
+
+    def headers_leaving(self, headers: HeaderSection) -> None:
+        """The header section goes downstream now, before the end of data: the last moment
+        to add fields, or replace one prepended at on_headers, with what is known by now
+        (never a result not computed yet: what needs the whole body is decided at end,
+        unwritten). Not called for a message that ends within the held window (end may still
+        write); a check that raises here tempfails the message at its end."""
 
     def abort(self) -> None:
         """The message was refused or cut off before its end: release what it holds."""

@@ -43,6 +43,10 @@ class _Digest(BodyObserver):
         self.hash.update(chunk)
         self.size += len(chunk)
 
+    def headers_leaving(self, headers: HeaderSection) -> None:
+        # what is known when the section leaves early: how much of the body was seen
+        headers.prepend("X-Body-Observed", f"{self.size} octets when the header section left")
+
     async def end(self, message: MessageInfo) -> Verdict | None:
         if message.headers_sent:
             return None  # too late to say it: never write a result for what was not held
@@ -52,7 +56,8 @@ class _Digest(BodyObserver):
 
 
 class BodyDigest(Check):
-    """Computes a digest over the whole body and prepends it at end of data (held window)."""
+    """Computes a digest over the whole body and prepends it at end of data (held window); a
+    larger message's header section says how much of the body was seen when it left."""
 
     name = "body_digest"
     needs: ClassVar[frozenset[Need]] = frozenset({Need.BODY, Need.END_HEADERS})
