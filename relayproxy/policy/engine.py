@@ -45,6 +45,10 @@ log = logging.getLogger("relayproxy.rules")
 
 _KEY = "rules"  # in SessionInfo.facts and Envelope.facts
 
+# The stages as module constants: Python 3.11 looks an enum member up on its class through a
+# descriptor call, and the hooks name their stage several times per message.
+_CONNECT, _HELO, _MAIL, _RCPT, _HEADERS, _DATA = Stage
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -403,7 +407,7 @@ class RulesCheck(Check):
                 if not monitor:
                     verdict = Verdict(Action.TEMPFAIL, f"Temporary DNS failure in policy "
                                       f"({rule.name}), try again later",
-                                      421 if stage == Stage.CONNECT else 451, "4.7.1",
+                                      421 if stage == _CONNECT else 451, "4.7.1",
                                       source="rule", check=rule.name, defer=rule.defer)
             elif not result:
                 action = ""
@@ -434,10 +438,10 @@ class RulesCheck(Check):
         if rule.reply is not None:
             code, enhanced, text = rule.reply
         elif rule.action == "reject":
-            code, enhanced = (554 if stage == Stage.CONNECT else 550), "5.7.1"
+            code, enhanced = (554 if stage == _CONNECT else 550), "5.7.1"
             text = f"Rejected by policy ({rule.name})"
         else:
-            code, enhanced = (421 if stage == Stage.CONNECT else 451), "4.7.1"
+            code, enhanced = (421 if stage == _CONNECT else 451), "4.7.1"
             text = f"Temporarily rejected by policy ({rule.name}), try again later"
         action = Action.REJECT if code >= 500 else Action.TEMPFAIL
         return Verdict(action, text, code, enhanced, source="rule", check=rule.name,
@@ -465,11 +469,11 @@ class RulesCheck(Check):
         names = ", ".join([*scores.names, *(n for m in more for n in m.names)])
         if st.reject_score and score >= st.reject_score:
             return Verdict(Action.REJECT, f"Rejected by policy ({names})",
-                           554 if stage == Stage.CONNECT else 550, "5.7.1", source="rule",
+                           554 if stage == _CONNECT else 550, "5.7.1", source="rule",
                            check="score", defer=True)
         if st.tempfail_score and score >= st.tempfail_score:
             return Verdict(Action.TEMPFAIL, f"Temporarily rejected by policy ({names}), "
-                           "try again later", 421 if stage == Stage.CONNECT else 451, "4.7.1",
+                           "try again later", 421 if stage == _CONNECT else 451, "4.7.1",
                            source="rule", check="score", defer=True)
         return None
 
@@ -482,15 +486,15 @@ class RulesCheck(Check):
                 s.dnsbl[zone] = self.dnsbl.lookup(session.client_ip, zone)
         if self.needs_country and self.countries is not None:
             s.country = self.countries.country(session.client_ip)
-        rules = self.by_stage[Stage.CONNECT]
+        rules = self.by_stage[_CONNECT]
         if not rules:
             return None
-        facts = (await self._stage_facts(session, s, Stage.CONNECT)
-                 if self.waits[Stage.CONNECT] else self._facts(session, s))
-        verdict, accept = self._run(Stage.CONNECT, rules, facts, s, s.connect, s.hits,
+        facts = (await self._stage_facts(session, s, _CONNECT)
+                 if self.waits[_CONNECT] else self._facts(session, s))
+        verdict, accept = self._run(_CONNECT, rules, facts, s, s.connect, s.hits,
                                     s.headers)
         accepted = accept is not None and self._accept(accept, s, None)
-        verdict = verdict or (None if accepted else self._threshold(s.connect, Stage.CONNECT))
+        verdict = verdict or (None if accepted else self._threshold(s.connect, _CONNECT))
         if verdict is not None and verdict.defer:
             s.pending = _at_rcpt(verdict)
             return None
@@ -502,15 +506,15 @@ class RulesCheck(Check):
         if s.helo_hits or s.helo_pending or s.helo_headers or s.helo.names or \
                 s.helo.monitor_score:  # the first HELO finds them empty: no new objects
             s.helo, s.helo_hits, s.helo_pending, s.helo_headers = _Scores(), [], None, []
-        rules = self.by_stage[Stage.HELO]
+        rules = self.by_stage[_HELO]
         if s.accepted or not rules:
             return None
-        facts = (await self._stage_facts(session, s, Stage.HELO)
-                 if self.waits[Stage.HELO] else self._facts(session, s))
-        verdict, accept = self._run(Stage.HELO, rules, facts, s, s.helo, s.helo_hits,
+        facts = (await self._stage_facts(session, s, _HELO)
+                 if self.waits[_HELO] else self._facts(session, s))
+        verdict, accept = self._run(_HELO, rules, facts, s, s.helo, s.helo_hits,
                                     s.helo_headers)
         if verdict is None and not (accept is not None and self._accept(accept, s, None)):
-            verdict = self._threshold(s.connect, Stage.HELO, s.helo)
+            verdict = self._threshold(s.connect, _HELO, s.helo)
         if verdict is not None and verdict.defer:
             s.helo_pending = _at_rcpt(verdict)
             return None
@@ -519,18 +523,18 @@ class RulesCheck(Check):
     async def on_mail(self, session: SessionInfo, envelope: Envelope) -> Verdict | None:
         s = self._session(session)
         tx = self._tx(session, envelope)
-        rules = self.by_stage[Stage.MAIL]
+        rules = self.by_stage[_MAIL]
         if s.accepted or not rules:
             self._log(envelope, tx)
             return None
-        facts = (await self._stage_facts(session, s, Stage.MAIL)
-                 if self.waits[Stage.MAIL] else self._facts(session, s))
+        facts = (await self._stage_facts(session, s, _MAIL)
+                 if self.waits[_MAIL] else self._facts(session, s))
         facts.sender = envelope.sender
         facts.auth = envelope.facts.get("auth")
-        verdict, accept = self._run(Stage.MAIL, rules, facts, s, tx.scores, tx.hits,
+        verdict, accept = self._run(_MAIL, rules, facts, s, tx.scores, tx.hits,
                                     tx.headers)
         accepted = accept is not None and self._accept(accept, s, tx)
-        verdict = verdict or (None if accepted else self._threshold(tx.scores, Stage.MAIL))
+        verdict = verdict or (None if accepted else self._threshold(tx.scores, _MAIL))
         self._log(envelope, tx)
         if verdict is not None and verdict.defer:
             tx.pending = tx.pending or _at_rcpt(verdict)
@@ -553,20 +557,20 @@ class RulesCheck(Check):
             return tx.pending
         if s.accepted or tx.accepted:
             return None
-        rules = self.by_stage[Stage.RCPT]
+        rules = self.by_stage[_RCPT]
         if not rules:
             return None
-        facts = (await self._stage_facts(session, s, Stage.RCPT)
-                 if self.waits[Stage.RCPT] else self._facts(session, s))
+        facts = (await self._stage_facts(session, s, _RCPT)
+                 if self.waits[_RCPT] else self._facts(session, s))
         facts.sender, facts.recipient = envelope.sender, recipient
         facts.auth = envelope.facts.get("auth")
         facts.recipients = envelope.recipients
         scores = tx.scores.copy()  # a recipient's rules decide for that recipient only
         hits: list[str] = []
         added: list[bytes] = []
-        verdict, accept = self._run(Stage.RCPT, rules, facts, s, scores, hits, added)
+        verdict, accept = self._run(_RCPT, rules, facts, s, scores, hits, added)
         accepted = accept is not None and self._accept(accept, s, tx)
-        verdict = verdict or (None if accepted else self._threshold(scores, Stage.RCPT))
+        verdict = verdict or (None if accepted else self._threshold(scores, _RCPT))
         tx.headers += [h for h in added if h not in tx.headers]  # once, however many match
         tx.hits += [h for h in hits if h not in tx.hits]
         if verdict is None or self._exempt(recipient):
@@ -587,16 +591,16 @@ class RulesCheck(Check):
             tx.mime = MimeScanner(ctype[0].value if ctype else None,
                                   cte[0].value if cte else None, self.text_budget,
                                   finder.feed if finder is not None else None)
-        rules = self.by_stage[Stage.HEADERS]
+        rules = self.by_stage[_HEADERS]
         if rules and not (s.accepted or tx.accepted or tx.pending):
-            facts = (await self._stage_facts(session, s, Stage.HEADERS)
-                     if self.waits[Stage.HEADERS] else self._facts(session, s))
+            facts = (await self._stage_facts(session, s, _HEADERS)
+                     if self.waits[_HEADERS] else self._facts(session, s))
             self._envelope_facts(facts, envelope, headers)
-            verdict, accept = self._run(Stage.HEADERS, rules, facts, s, tx.scores,
+            verdict, accept = self._run(_HEADERS, rules, facts, s, tx.scores,
                                         tx.hits, tx.headers)
             accepted = accept is not None and self._accept(accept, s, tx)
             verdict = verdict or (None if accepted else
-                                  self._threshold(tx.scores, Stage.HEADERS))
+                                  self._threshold(tx.scores, _HEADERS))
             self._log(envelope, tx)
         for header in reversed(tx.headers):
             headers.prepend_raw(header)
@@ -625,13 +629,13 @@ class RulesCheck(Check):
         # the scanner is read once, here: its text (up to rules.body_scan_bytes) need not
         # live as long as the transaction (until the next MAIL, on a busy connection)
         mime, tx.mime = tx.mime, None
-        rules = self.by_stage[Stage.DATA]
+        rules = self.by_stage[_DATA]
         # pending: a refusal from before RCPT that only exempt recipients got past; their
         # mail (abuse reports quote spam) is not refused now
         if not rules or s.accepted or tx.accepted or tx.pending:
             return None
-        facts = (await self._stage_facts(session, s, Stage.DATA)
-                 if self.waits[Stage.DATA] else self._facts(session, s))
+        facts = (await self._stage_facts(session, s, _DATA)
+                 if self.waits[_DATA] else self._facts(session, s))
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
         facts.scans = envelope.facts  # the scanners' results: their observers ended first
@@ -644,10 +648,10 @@ class RulesCheck(Check):
                                  for name in (p.names or ("",))]
             facts.part_types = [p.content_type for p in mime.parts]
         added: list[bytes] = []
-        verdict, accept = self._run(Stage.DATA, rules, facts, s, tx.scores, tx.hits, added)
+        verdict, accept = self._run(_DATA, rules, facts, s, tx.scores, tx.hits, added)
         facts.forget_transaction()
         accepted = accept is not None and self._accept(accept, s, tx)
-        verdict = verdict or (None if accepted else self._threshold(tx.scores, Stage.DATA))
+        verdict = verdict or (None if accepted else self._threshold(tx.scores, _DATA))
         if verdict is None and added and message.headers is not None:
             if message.headers_sent:
                 log.info("session %s: add_header too late for a message larger than "
