@@ -64,14 +64,17 @@ class RecipientCache(Check):
     async def lookup(self, recipient: str) -> Reply | None:
         """The cached answer for recipient, accepting or refusing; None if there is none."""
         value = await self.store.get(_cache_key(recipient))
-        if value is None:
-            return None
-        code, enhanced, text = value.split(" ", 2)
-        return Reply(int(code), enhanced, text, source=self.source)
+        return None if value is None else self._reply(value)
 
     async def refusal(self, recipient: str) -> Verdict | None:
         """A refusal for a recipient the downstream is known to refuse."""
-        cached = await self.lookup(recipient)
+        return self._refusal(await self.lookup(recipient))
+
+    def _reply(self, value: str) -> Reply:
+        code, enhanced, text = value.split(" ", 2)
+        return Reply(int(code), enhanced, text, source=self.source)
+
+    def _refusal(self, cached: Reply | None) -> Verdict | None:
         if cached is None or cached.code < 500:
             return None
         return Verdict.reject(cached.text, cached.code, cached.enhanced, self.source, self.name)
@@ -94,11 +97,16 @@ class RecipientCache(Check):
     async def on_rcpt(
         self, session: SessionInfo, envelope: Envelope, recipient: str
     ) -> Verdict | None:
-        return await self.refusal(recipient)
+        # the store itself, not through refusal() and lookup(): at every RCPT, two
+        # coroutines less
+        value = await self.store.get(_cache_key(recipient))
+        return None if value is None else self._refusal(self._reply(value))
 
     async def on_rcpt_reply(
         self, session: SessionInfo, envelope: Envelope, recipient: str, reply: Reply
     ) -> Verdict | None:
+        if 300 <= reply.code < 500 or (reply.code < 300 and not self.positive_ttl):
+            return None  # nothing to remember (the usual 250 when only refusals are kept)
         await self.record(recipient, reply)
         return None
 
