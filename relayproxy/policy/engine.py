@@ -345,6 +345,18 @@ class RulesCheck(Check):
         facts.recipient = None  # the rcpt stage sets it for its own rules only
         return facts
 
+    def _must_wait(self, session: SessionInfo, s: _SessionState, stage: Stage) -> bool:
+        """Do the stage's rules wait for a DNS fact? Not for a reverse name when reverse DNS
+        is off (it is unknown then): no coroutine, no timer for that."""
+        if not self.waits[stage]:
+            return False
+        if self.stage_zones[stage] or s.rdns_known:
+            return bool(self.stage_zones[stage])
+        if session.name_lookup is None:
+            s.rdns, s.rdns_known = None, True
+            return False
+        return True
+
     async def _stage_facts(self, session: SessionInfo, s: _SessionState, stage: Stage
                            ) -> Facts:
         """The facts of a stage whose rules need DNS answers (the others take _facts as it is:
@@ -490,7 +502,7 @@ class RulesCheck(Check):
         if not rules:
             return None
         facts = (await self._stage_facts(session, s, _CONNECT)
-                 if self.waits[_CONNECT] else self._facts(session, s))
+                 if self._must_wait(session, s, _CONNECT) else self._facts(session, s))
         verdict, accept = self._run(_CONNECT, rules, facts, s, s.connect, s.hits,
                                     s.headers)
         accepted = accept is not None and self._accept(accept, s, None)
@@ -510,7 +522,7 @@ class RulesCheck(Check):
         if s.accepted or not rules:
             return None
         facts = (await self._stage_facts(session, s, _HELO)
-                 if self.waits[_HELO] else self._facts(session, s))
+                 if self._must_wait(session, s, _HELO) else self._facts(session, s))
         verdict, accept = self._run(_HELO, rules, facts, s, s.helo, s.helo_hits,
                                     s.helo_headers)
         if verdict is None and not (accept is not None and self._accept(accept, s, None)):
@@ -528,7 +540,7 @@ class RulesCheck(Check):
             self._log(envelope, tx)
             return None
         facts = (await self._stage_facts(session, s, _MAIL)
-                 if self.waits[_MAIL] else self._facts(session, s))
+                 if self._must_wait(session, s, _MAIL) else self._facts(session, s))
         facts.sender = envelope.sender
         facts.auth = envelope.facts.get("auth")
         verdict, accept = self._run(_MAIL, rules, facts, s, tx.scores, tx.hits,
@@ -561,7 +573,7 @@ class RulesCheck(Check):
         if not rules:
             return None
         facts = (await self._stage_facts(session, s, _RCPT)
-                 if self.waits[_RCPT] else self._facts(session, s))
+                 if self._must_wait(session, s, _RCPT) else self._facts(session, s))
         facts.sender, facts.recipient = envelope.sender, recipient
         facts.auth = envelope.facts.get("auth")
         facts.recipients = envelope.recipients
@@ -594,7 +606,7 @@ class RulesCheck(Check):
         rules = self.by_stage[_HEADERS]
         if rules and not (s.accepted or tx.accepted or tx.pending):
             facts = (await self._stage_facts(session, s, _HEADERS)
-                     if self.waits[_HEADERS] else self._facts(session, s))
+                     if self._must_wait(session, s, _HEADERS) else self._facts(session, s))
             self._envelope_facts(facts, envelope, headers)
             verdict, accept = self._run(_HEADERS, rules, facts, s, tx.scores,
                                         tx.hits, tx.headers)
@@ -635,7 +647,7 @@ class RulesCheck(Check):
         if not rules or s.accepted or tx.accepted or tx.pending:
             return None
         facts = (await self._stage_facts(session, s, _DATA)
-                 if self.waits[_DATA] else self._facts(session, s))
+                 if self._must_wait(session, s, _DATA) else self._facts(session, s))
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
         facts.scans = envelope.facts  # the scanners' results: their observers ended first

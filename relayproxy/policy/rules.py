@@ -14,6 +14,7 @@ fact before it exists is refused at load.
 from __future__ import annotations
 
 import enum
+import functools
 import glob
 import ipaddress
 import re
@@ -264,6 +265,10 @@ def _domain_of(address: str) -> str:
         return address.rpartition("@")[2].lower()
 
 
+# Both HELO answers are kept for the last few names: a client says the same HELO at each of
+# its connections, and the regex and the address parse cost more than the lookup. Bounded:
+# the name is the client's to choose.
+@functools.lru_cache(maxsize=256)
 def _helo_literal(helo: str) -> str | None:
     """The address a HELO names, when it is an address literal (or a bare address)."""
     text = helo[1:-1] if helo.startswith("[") and helo.endswith("]") else helo
@@ -278,6 +283,11 @@ def _helo_literal(helo: str) -> str | None:
 
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _LDH = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)+[a-z]([a-z0-9-]{{0,61}}[a-z0-9])?$", re.I)
+
+
+@functools.lru_cache(maxsize=256)
+def _helo_fqdn(helo: str) -> bool:
+    return _LDH.match(helo.rstrip(".")) is not None
 
 
 def _scan_result(f: Facts, scanner: str) -> Any:
@@ -357,7 +367,7 @@ class _Builder:
         if m.helo_fqdn is not None:
             want = m.helo_fqdn
             add("helo_fqdn", Stage.HELO,
-                lambda f: bool(_LDH.match(f.helo.rstrip("."))) == want)
+                lambda f: _helo_fqdn(f.helo) == want)
         if m.helo_is_ip_literal is not None:
             want = m.helo_is_ip_literal
             add("helo_is_ip_literal", Stage.HELO,
