@@ -16,7 +16,7 @@ from typing import cast
 
 # Reading pauses when this much is buffered, and DATA is taken from the buffer whole, so
 # an inbound connection holds at most a few hundred KB whatever the message size.
-MAX_BUFFER = 256 * 1024
+MAX_BUFFER = 64 * 1024
 CLOSE_FLUSH_TIMEOUT = 5.0  # seconds a closing connection may take to flush its last replies
 
 
