@@ -43,9 +43,11 @@ from relayproxy.auth.dkim import (
     relax_body,
     relaxed_headers,
     select_headers,
+    split_fields,
     strip_b,
     validate_signature_fields,
 )
+from relayproxy.headers import HeaderSection, find_end
 
 D = "signer.test"
 BASE = (b"From: Alice <alice@signer.test>\r\nTo: bob@relay.test\r\nSubject: DKIM corpus\r\n"
@@ -321,6 +323,34 @@ def test_h_list_equals_dkimpys(parts: list[bytes]) -> None:
     if not parsed.error:  # dkimpy's verify_headerprep, on h= as the tag list parse left it
         theirs = [x.lower() for x in re.split(rb"\s*:\s*", parsed.fields[b"h"])]
         assert parsed.include == theirs
+
+
+@settings(max_examples=2000, deadline=None)
+@given(parts=st.lists(st.sampled_from([*_HEADER_PIECES, b"\r\n ", b"\r\n\t", b"X :", b"."]),
+                      max_size=20))
+def test_header_parse_from_header_section_fields_equals_dkimpys(parts: list[bytes]) -> None:
+    # any section HeaderSection splits: the same headers as dkimpy's parse, or None
+    section = b"".join(parts)
+    fields = HeaderSection.parse(section).fields
+    original = b"".join(f.raw for f in fields)  # what the check gives (dots unstuffed)
+    ours = split_fields(original, fields)
+    if ours is not None:
+        theirs = dkim.rfc822_parse(original + b"\r\n")[0]
+        assert ours == (theirs, by_lower_name(theirs))
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_header_sections_take_the_split_fields(name: str) -> None:
+    found = find_end(CORPUS[name] + b"\r\n")
+    assert found is not None
+    head = CORPUS[name][:found[0]]
+    fields = HeaderSection.parse(head).fields
+    ours = split_fields(head, fields)
+    # only a bare CR (tampered-header's) leaves the split to dkimpy's parse
+    assert (ours is None) == (head.count(b"\r") != head.count(b"\r\n"))
+    if ours is not None:
+        assert ours[0] == parse_header(head + b"\r\n")
+    assert Verifier(head, 5, 1024, fields).headers == Verifier(head, 5, 1024).headers
 
 
 _NAMES = [b"from", b"From", b"FROM", b"to", b"x-a", b"X-A", b"subject"]

@@ -152,7 +152,8 @@ class AuthCheck(Check):
         original = b"".join(f.raw for f in headers.fields)  # as it came: what was signed
         hashes: list[BodyHash] = []
         if cfg.dkim.enabled:
-            tx.verifier = Verifier(original, cfg.dkim.max_signatures, cfg.dkim.min_key_bits)
+            tx.verifier = Verifier(original, cfg.dkim.max_signatures, cfg.dkim.min_key_bits,
+                                   headers.fields)
             for name in tx.verifier.key_names:
                 self._fetch(tx, name)
             hashes += tx.verifier.hashes

@@ -37,6 +37,8 @@ from dkim.canonicalization import (
 from dkim.crypto import HASH_ALGORITHMS, DigestTooLargeError
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
+from ..headers import HeaderField
+
 
 def _int2str(n: int, length: int = -1) -> bytes:
     """dkim.crypto.int2str, by int.to_bytes: dkimpy's loop over 256 octets was a third of an
@@ -150,6 +152,56 @@ def parse_header(section: bytes) -> list[list[bytes]]:
                 raise dkimpy.MessageFormatError(
                     f"Unexpected characters in RFC822 header: {line!r}")
     return headers
+
+
+_NAME_KEYS: dict[str, bytes] = {}  # a field name dkimpy reads as one -> lower case, bytes
+_NAME_KEYS_MAX = 4096
+
+
+def _name_key(name: str) -> bytes | None:
+    """name in lower case, or None where dkimpy's pattern would not take it for a name (a
+    character outside printable ASCII, or none)."""
+    key = _NAME_KEYS.get(name)
+    if key is None:
+        octets = name.encode("utf-8", "surrogateescape")
+        if not octets or octets.translate(None, _NAME_OCTETS):
+            return None
+        key = octets.lower()
+        if len(_NAME_KEYS) < _NAME_KEYS_MAX:  # the usual few dozen names; a flood of others
+            _NAME_KEYS[name] = key  # is read the slow way, never kept
+    return key
+
+
+def split_fields(section: bytes, fields: list[HeaderField]
+                 ) -> tuple[list[list[bytes]], dict[bytes, list[list[bytes]]]] | None:
+    """(parse_header(section + CRLF), by_lower_name of it) from HeaderSection's fields of
+    section, split there already (each field its first line and its continuation lines);
+    None where the two splits could differ, which parse_header then decides: a bare CR or
+    LF (HeaderSection ends a line at either), a name dkimpy would not take (white space
+    before the colon, a character outside printable ASCII). Equality:
+    tests/test_auth_dkim.py."""
+    if section[-2:] != b"\r\n":
+        return None
+    rest = section.replace(b"\r\n", b"")
+    if b"\r" in rest or b"\n" in rest:
+        return None
+    headers: list[list[bytes]] = []
+    by_name: dict[bytes, list[list[bytes]]] = {}
+    for f in fields:
+        name, raw = f.name, f.raw
+        key = _name_key(name)
+        colon = len(name)
+        # the name HeaderSection read ends at the colon: no white space before it
+        if key is None or raw[colon : colon + 1] != b":":
+            return None
+        header = [raw[:colon], raw[colon + 1 :]]
+        headers.append(header)
+        found = by_name.get(key)
+        if found is None:
+            by_name[key] = [header]
+        else:
+            found.append(header)
+    return headers, by_name
 
 
 def select_headers(by_name: dict[bytes, list[Any]], include: list[bytes]) -> list[Any]:
@@ -453,15 +505,21 @@ class Verifier:
     (`hashes`) fed to BodyHashes as the body streams, verify at the end with keys fetched by
     then."""
 
-    def __init__(self, header: bytes, max_signatures: int, min_key_bits: int) -> None:
+    def __init__(self, header: bytes, max_signatures: int, min_key_bits: int,
+                 fields: list[HeaderField] | None = None) -> None:
+        """fields: HeaderSection's fields of header, when it has them (no second parse)."""
         self.header = header  # the held header section, message bytes, as it came
         self.min_key_bits = min_key_bits
         self.signatures: list[Signature] = []
         self.headers: list[list[bytes]] = []
         self.by_name: dict[bytes, list[list[bytes]]] = {}
+        split = split_fields(header, fields) if fields is not None else None
         try:
-            # dkimpy's DKIM(header + CRLF) parses the section so
-            self.headers = parse_header(header + b"\r\n")
+            if split is not None:
+                self.headers, self.by_name = split
+            else:  # dkimpy's DKIM(header + CRLF) parses the section so
+                self.headers = parse_header(header + b"\r\n")
+                self.by_name = by_lower_name(self.headers)
         except dkimpy.DKIMException as exc:
             # the section itself is malformed: dkimpy would fail every signature
             error = str(exc)
@@ -469,7 +527,6 @@ class Verifier:
             self.signatures = [Signature(i, error=error)
                                for i in range(min(count, max_signatures))]
             return
-        self.by_name = by_lower_name(self.headers)
         found = self.by_name.get(b"dkim-signature", [])
         for index in range(min(len(found), max_signatures)):
             name, value = found[index]
