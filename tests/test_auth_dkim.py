@@ -366,7 +366,7 @@ def test_header_selection_equals_dkimpys(names: list[bytes], include: list[bytes
 
 
 _TAG_PIECES = [b"v=1", b";", b" ", b"=", b"a", b"b9", b"_x", b"9", b"\r\n ", b"\t", b"a=b=c",
-               b"a=1;a=2", b";;"]
+               b"a=1;a=2", b";;", b"bh=x", b"k1=v", b"x-y=1", b" =2"]
 
 
 @settings(max_examples=1000, deadline=None)

@@ -234,10 +234,21 @@ def by_lower_name(headers: list[Any]) -> dict[bytes, list[Any]]:
 def parse_tag_value(tag_list: bytes) -> dict[bytes, bytes]:
     """dkim.util.parse_tag_value with its pattern compiled once (equality:
     tests/test_auth_dkim.py)."""
-    tags: dict[bytes, bytes] = {}
     tag_specs = tag_list.strip().split(b";")
     if not tag_specs[-1]:  # a trailing semicolon is valid
         tag_specs.pop()
+    # the usual list first, its tags checked together: every name all letters (its first
+    # character one), none twice; anything else is read again below, for dkimpy's error
+    tags: dict[bytes, bytes] = {}
+    for tag_spec in tag_specs:
+        key, sep, value = tag_spec.partition(b"=")
+        if not sep:
+            break
+        tags[key.strip()] = value.strip()
+    else:
+        if len(tags) == len(tag_specs) and b"".join(tags).isalpha() and b"" not in tags:
+            return tags
+    tags = {}
     for tag_spec in tag_specs:
         key, sep, value = tag_spec.partition(b"=")
         if not sep:  # dkimpy: the unpacking of a split without "=" fails
