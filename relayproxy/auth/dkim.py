@@ -83,8 +83,8 @@ _B64_RUN_RE = re.compile(rb"(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?")
 
 
 def strip_b(value: bytes) -> bytes:
-    """dkimpy.RE_BTAG.sub(b"\\1", value): the b= value blanked out of a signature field.
-    The pattern's [;\\s] first made sre try it at every octet of the field (45 k
+    r"""dkimpy.RE_BTAG.sub(b"\1", value): the b= value blanked out of a signature field.
+    The pattern's [;\s] first made sre try it at every octet of the field (45 k
     instructions a signature); here sre looks for the literal b, the octet before it and
     the base64 run after it are checked with bytes methods (equality:
     tests/test_auth_dkim.py)."""
@@ -293,6 +293,8 @@ def is_base64(value: bytes) -> bool:
     if head:
         return not head.translate(None, _BASE64_OCTETS)
     return value[:1] in (b" ", b"\t", b"\n", b"\r", b"\x0b", b"\x0c")
+
+
 _D_SPECIALS = re.compile(rb"[\(\)<>\[\]:;@\\,]")
 _DIGITS = re.compile(rb"\d+$")
 _LENGTH = re.compile(rb"\d{,76}$")
@@ -380,7 +382,7 @@ _TAIL = b" \t\r"  # what relaxed canonicalisation may still change at a chunk's 
 
 
 def relax_body(data: bytes) -> bytes:
-    """re.sub(rb"[\t ]+", b" ", re.sub(rb"[\t ]+\r\n", b"\r\n", data)), relaxed body
+    r"""re.sub(rb"[\t ]+", b" ", re.sub(rb"[\t ]+\r\n", b"\r\n", data)), relaxed body
     canonicalisation within a chunk, by bytes methods where the patterns would change
     nothing or little: sre tried them at every octet, 1.5 M instructions for 4 KB (equality:
     tests/test_auth_dkim.py). White space before a CRLF goes; then every run of tabs and
@@ -394,6 +396,8 @@ def relax_body(data: bytes) -> bytes:
     while b"  " in data:  # a run of n spaces is about n/2 after each pass
         data = data.replace(b"  ", b" ")
     return data
+
+
 class BodyCanon:
     """One body canonicalisation, streamed: feed() message bytes, end() once; every
     canonical byte goes to `emit`, in order, exactly once."""

@@ -13,8 +13,8 @@ from .spf import SPFResult
 
 # RFC 8601 2.2: the authserv-id is the first token, before ";" or a comment
 _AUTHSERV = re.compile(r"^\s*(?:\([^)]*\)\s*)*([^\s;(]+)")
-# a value the field may carry as written (RFC 2045 token); anything else is quoted
 _FOLD = ";\r\n\t"  # between two clauses: each on a line of its own
+# a value the field may carry as written (RFC 2045 token); anything else is quoted
 _TOKEN = re.compile(r"^[!#$%&'*+.0-9A-Z^_`a-z{|}~@-]+$")
 
 
