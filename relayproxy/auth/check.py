@@ -159,9 +159,10 @@ class AuthCheck(Check):
             hashes += tx.verifier.hashes
             if not tx.verifier.signatures:
                 tx.results.dkim = []  # known now, for every message size: dkim=none
-        froms = [f.value for f in headers.get_lower("from")]
-        tx.from_count = len(froms)
-        tx.from_domain = dmarcmod.from_domain(froms)
+        if cfg.dmarc.enabled:  # only DMARC reads the From domain
+            froms = [f.value for f in headers.get_lower("from")]
+            tx.from_count = len(froms)
+            tx.from_domain = dmarcmod.from_domain(froms)
         if cfg.dmarc.enabled and tx.from_domain is not None:
             known, record = dmarcmod.cached_record(self.resolver, tx.from_domain)
             if known:
