@@ -265,18 +265,24 @@ def parse_tag_value(tag_list: bytes) -> dict[bytes, bytes]:
 _WSP_RUN = re.compile(rb"[\t ]+")
 
 
-def relaxed_headers(headers: list[Any]) -> list[tuple[bytes, bytes]]:
-    """dkimpy's Relaxed.canonicalize_headers without its regular expressions where they
-    would change nothing: unfolding removes each LF and the CR just before it (as
-    re.sub(b"\r?\n", b"", v)), and white space is compressed only when a tab or two spaces
-    are there (equality: tests/test_auth_dkim.py)."""
+def relaxed_lines(headers: list[Any]) -> list[bytes]:
+    r"""dkimpy's Relaxed.canonicalize_headers, each field as the name:value line that is
+    hashed, without its regular expressions where they would change nothing: unfolding
+    removes each LF and the CR just before it (as re.sub(b"\r?\n", b"", v)), and white
+    space is compressed only when a tab or two spaces are there (equality:
+    tests/test_auth_dkim.py)."""
     out = []
     for name, value in headers:
         value = value.replace(b"\r\n", b"").replace(b"\n", b"")
         if b"\t" in value or b"  " in value:
             value = _WSP_RUN.sub(b" ", value)
-        out.append((name.lower().rstrip(), value.strip() + b"\r\n"))
+        out.append(name.lower().rstrip() + b":" + value.strip() + b"\r\n")
     return out
+
+
+def simple_lines(headers: list[Any]) -> list[bytes]:
+    """dkimpy's Simple.canonicalize_headers (the fields as they are), as lines."""
+    return [name + b":" + value for name, value in headers]
 
 
 _WS = b" \t\n\r\x0b\x0c"  # what rb"\s" matches: dkimpy's re.sub(rb"\s+", b"", v) deletes it
@@ -645,13 +651,14 @@ class Verifier:
         # bottom up); here the fields are picked first, and only those canonicalised: a
         # message's twenty Received fields need not be (canonicalisation works field by
         # field and keeps a parsed name's case-folded form, so the order does not matter)
-        canon = relaxed_headers if sig.relaxed_header else _simple_headers
+        canon = relaxed_lines if sig.relaxed_header else simple_lines
         signed = select_headers(self.by_name, include)
         signed.append((sig.header[0], strip_b(sig.header[1])))  # last, its b= blanked out
-        *fields_signed, (name, value) = canon(signed)
-        # the signature field is hashed without its trailing CRLF
-        data = b"".join([b"".join((x, b":", y)) for x, y in fields_signed]
-                        + [name, b":", value.rstrip()])
+        lines = canon(signed)
+        # the signature field is hashed without its trailing CRLF (white space after the
+        # colon is the value's: rstrip of the line is rstrip of the value)
+        lines[-1] = lines[-1].rstrip()
+        data = b"".join(lines)
         hasher = HASH_ALGORITHMS[fields[b"a"]](data)
         signature = _b64(fields[b"b"])
         if ktag == b"rsa":
@@ -676,8 +683,6 @@ class Verifier:
 _H_SPLIT = re.compile(rb"\s*:\s*")
 
 
-def _simple_headers(headers: list[Any]) -> list[Any]:
-    return headers  # dkimpy's Simple.canonicalize_headers
 _SIGNATURE_START = re.compile(rb"(?im)^dkim-signature[ \t]*:")
 
 
