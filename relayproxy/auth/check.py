@@ -149,18 +149,20 @@ class AuthCheck(Check):
                          headers: HeaderSection) -> Verdict | None:
         tx = self._tx(envelope)
         cfg = self.config
-        original = b"".join(f.raw for f in headers.fields)  # as it came: what was signed
+        original = b"".join([f.raw for f in headers.fields])  # as it came: what was signed
         hashes: list[BodyHash] = []
         if cfg.dkim.enabled:
-            tx.verifier = Verifier(original, cfg.dkim.max_signatures, cfg.dkim.min_key_bits)
+            tx.verifier = Verifier(original, cfg.dkim.max_signatures, cfg.dkim.min_key_bits,
+                                   headers.fields)
             for name in tx.verifier.key_names:
                 self._fetch(tx, name)
             hashes += tx.verifier.hashes
             if not tx.verifier.signatures:
                 tx.results.dkim = []  # known now, for every message size: dkim=none
-        froms = [f.value for f in headers.get_lower("from")]
-        tx.from_count = len(froms)
-        tx.from_domain = dmarcmod.from_domain(froms)
+        if cfg.dmarc.enabled:  # only DMARC reads the From domain
+            froms = [f.value for f in headers.get_lower("from")]
+            tx.from_count = len(froms)
+            tx.from_domain = dmarcmod.from_domain(froms)
         if cfg.dmarc.enabled and tx.from_domain is not None:
             known, record = dmarcmod.cached_record(self.resolver, tx.from_domain)
             if known:

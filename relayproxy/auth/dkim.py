@@ -16,7 +16,7 @@ told apart (fail, permerror, temperror).
 
 from __future__ import annotations
 
-import base64
+import binascii
 import contextlib
 import hashlib
 import re
@@ -36,6 +36,8 @@ from dkim.canonicalization import (
 )
 from dkim.crypto import HASH_ALGORITHMS, DigestTooLargeError
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
+
+from ..headers import HeaderField
 
 
 def _int2str(n: int, length: int = -1) -> bytes:
@@ -68,9 +70,45 @@ dkim.crypto.rsa_encrypt = _rsa_encrypt
 # character, backtracks for 70 us over a 2048-bit signature. FWS matches exactly the runs of
 # white space (\s covers CR and LF), so "(FWS char)*" is "(\s* char)*", whose longest match
 # is the longest run of white space and characters ending in a character: the same matches,
-# in 15 us (tests/test_auth_dkim.py compares the two).
+# in 15 us (tests/test_auth_dkim.py compares the two). dkimpy's ARC code uses it; DKIM here
+# uses strip_b.
 ORIGINAL_RE_BTAG = dkimpy.RE_BTAG
 dkimpy.RE_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+
+
+_B_EQ = re.compile(rb"b\s*=")  # a literal first: sre finds it without trying each octet
+_B_BEFORE = b"; \t\n\r\x0b\x0c"  # [;\s]
+_B64_RUN = b"\t\n\x0b\x0c\r +/0123456789=ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_B64_RUN_RE = re.compile(rb"(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?")
+
+
+def strip_b(value: bytes) -> bytes:
+    r"""dkimpy.RE_BTAG.sub(b"\1", value): the b= value blanked out of a signature field.
+    The pattern's [;\s] first made sre try it at every octet of the field (45 k
+    instructions a signature); here sre looks for the literal b, the octet before it and
+    the base64 run after it are checked with bytes methods (equality:
+    tests/test_auth_dkim.py)."""
+    out = []
+    pos = 0
+    for m in _B_EQ.finditer(value):
+        start = m.start()
+        # the octet before b is the pattern's first, and a match does not overlap the last
+        if start <= pos or value[start - 1] not in _B_BEFORE:
+            continue
+        end = m.end()
+        semi = value.find(b";", end)
+        run = value[end:] if semi < 0 else value[end:semi]
+        if run.translate(None, _B64_RUN):  # the run ends before a ";": it does not here
+            found = _B64_RUN_RE.match(value, end)  # it always matches (all optional)
+            stop = found.end() if found else end
+        else:
+            stop = end + len(run.rstrip(_WS))  # it ends in a base64 character
+        if value[stop:] in (b"\n", b"\r\n"):  # (?:\r?\n\Z)?
+            stop = len(value)
+        out.append(value[pos:end])
+        pos = stop
+    out.append(value[pos:])
+    return b"".join(out)
 
 
 @lru_cache(maxsize=256)
@@ -116,13 +154,101 @@ def parse_header(section: bytes) -> list[list[bytes]]:
     return headers
 
 
+_NAME_KEYS: dict[str, bytes] = {}  # a field name dkimpy reads as one -> lower case, bytes
+_NAME_KEYS_MAX = 4096
+
+
+def _name_key(name: str) -> bytes | None:
+    """name in lower case, or None where dkimpy's pattern would not take it for a name (a
+    character outside printable ASCII, or none)."""
+    key = _NAME_KEYS.get(name)
+    if key is None:
+        octets = name.encode("utf-8", "surrogateescape")
+        if not octets or octets.translate(None, _NAME_OCTETS):
+            return None
+        key = octets.lower()
+        if len(_NAME_KEYS) < _NAME_KEYS_MAX:  # the usual few dozen names; a flood of others
+            _NAME_KEYS[name] = key  # is read the slow way, never kept
+    return key
+
+
+def split_fields(section: bytes, fields: list[HeaderField]
+                 ) -> tuple[list[list[bytes]], dict[bytes, list[list[bytes]]]] | None:
+    """(parse_header(section + CRLF), by_lower_name of it) from HeaderSection's fields of
+    section, split there already (each field its first line and its continuation lines);
+    None where the two splits could differ, which parse_header then decides: a bare CR or
+    LF (HeaderSection ends a line at either), a name dkimpy would not take (white space
+    before the colon, a character outside printable ASCII). Equality:
+    tests/test_auth_dkim.py."""
+    if section[-2:] != b"\r\n":
+        return None
+    rest = section.replace(b"\r\n", b"")
+    if b"\r" in rest or b"\n" in rest:
+        return None
+    headers: list[list[bytes]] = []
+    by_name: dict[bytes, list[list[bytes]]] = {}
+    for f in fields:
+        name, raw = f.name, f.raw
+        key = _name_key(name)
+        colon = len(name)
+        # the name HeaderSection read ends at the colon: no white space before it
+        if key is None or raw[colon : colon + 1] != b":":
+            return None
+        header = [raw[:colon], raw[colon + 1 :]]
+        headers.append(header)
+        found = by_name.get(key)
+        if found is None:
+            by_name[key] = [header]
+        else:
+            found.append(header)
+    return headers, by_name
+
+
+def select_headers(by_name: dict[bytes, list[Any]], include: list[bytes]) -> list[Any]:
+    """dkimpy's select_headers(headers, include) (each name's fields bottom up, each once),
+    from the headers grouped by lower-case name in their order: dkimpy lowers every name
+    again for every name h= lists (equality: tests/test_auth_dkim.py)."""
+    taken: dict[bytes, int] = {}
+    out = []
+    for name in include:
+        found = by_name.get(name)
+        if found:
+            left = taken.get(name, len(found))
+            if left:
+                out.append(found[left - 1])
+                taken[name] = left - 1
+    return out
+
+
+def by_lower_name(headers: list[Any]) -> dict[bytes, list[Any]]:
+    by_name: dict[bytes, list[Any]] = {}
+    for h in headers:
+        found = by_name.get(lname := h[0].lower())
+        if found is None:
+            by_name[lname] = [h]
+        else:
+            found.append(h)
+    return by_name
+
+
 def parse_tag_value(tag_list: bytes) -> dict[bytes, bytes]:
     """dkim.util.parse_tag_value with its pattern compiled once (equality:
     tests/test_auth_dkim.py)."""
-    tags: dict[bytes, bytes] = {}
     tag_specs = tag_list.strip().split(b";")
     if not tag_specs[-1]:  # a trailing semicolon is valid
         tag_specs.pop()
+    # the usual list first, its tags checked together: every name all letters (its first
+    # character one), none twice; anything else is read again below, for dkimpy's error
+    tags: dict[bytes, bytes] = {}
+    for tag_spec in tag_specs:
+        key, sep, value = tag_spec.partition(b"=")
+        if not sep:
+            break
+        tags[key.strip()] = value.strip()
+    else:
+        if len(tags) == len(tag_specs) and b"".join(tags).isalpha() and b"" not in tags:
+            return tags
+    tags = {}
     for tag_spec in tag_specs:
         key, sep, value = tag_spec.partition(b"=")
         if not sep:  # dkimpy: the unpacking of a split without "=" fails
@@ -139,39 +265,62 @@ def parse_tag_value(tag_list: bytes) -> dict[bytes, bytes]:
 _WSP_RUN = re.compile(rb"[\t ]+")
 
 
-def relaxed_headers(headers: list[Any]) -> list[tuple[bytes, bytes]]:
-    """dkimpy's Relaxed.canonicalize_headers without its regular expressions where they
-    would change nothing: unfolding removes each LF and the CR just before it (as
-    re.sub(b"\r?\n", b"", v)), and white space is compressed only when a tab or two spaces
-    are there (equality: tests/test_auth_dkim.py)."""
+def relaxed_lines(headers: list[Any]) -> list[bytes]:
+    r"""dkimpy's Relaxed.canonicalize_headers, each field as the name:value line that is
+    hashed, without its regular expressions where they would change nothing: unfolding
+    removes each LF and the CR just before it (as re.sub(b"\r?\n", b"", v)), and white
+    space is compressed only when a tab or two spaces are there (equality:
+    tests/test_auth_dkim.py)."""
     out = []
     for name, value in headers:
         value = value.replace(b"\r\n", b"").replace(b"\n", b"")
         if b"\t" in value or b"  " in value:
             value = _WSP_RUN.sub(b" ", value)
-        out.append((name.lower().rstrip(), value.strip() + b"\r\n"))
+        out.append(name.lower().rstrip() + b":" + value.strip() + b"\r\n")
     return out
+
+
+def simple_lines(headers: list[Any]) -> list[bytes]:
+    """dkimpy's Simple.canonicalize_headers (the fields as they are), as lines."""
+    return [name + b":" + value for name, value in headers]
 
 
 _WS = b" \t\n\r\x0b\x0c"  # what rb"\s" matches: dkimpy's re.sub(rb"\s+", b"", v) deletes it
 
-_BASE64 = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")
+_BASE64_OCTETS = _B64_RUN.replace(b"=", b"")  # [\s0-9A-Za-z+/]
+
+
+def is_base64(value: bytes) -> bool:
+    r"""re.match(rb"[\s0-9A-Za-z+/]+[\s=]*$", value), dkimpy's test of b=, without sre's
+    octet-by-octet walk over the signature: what comes before the trailing white space and
+    "=" must all be base64 or white space, and when nothing does, the value must begin with
+    white space (equality: tests/test_auth_dkim.py)."""
+    head = value.rstrip(_WS + b"=")
+    if head:
+        return not head.translate(None, _BASE64_OCTETS)
+    return value[:1] in (b" ", b"\t", b"\n", b"\r", b"\x0b", b"\x0c")
+
+
 _D_SPECIALS = re.compile(rb"[\(\)<>\[\]:;@\\,]")
 _DIGITS = re.compile(rb"\d+$")
 _LENGTH = re.compile(rb"\d{,76}$")
 _SLOP = 36000  # dkimpy's 10 hours for mailers with inaccurate clocks
 
 
+_MANDATORY = frozenset((b"v", b"a", b"b", b"bh", b"d", b"h", b"s"))
+
+
 def validate_signature_fields(sig: dict[bytes, bytes]) -> None:
     """dkimpy's validate_signature_fields(sig) for a DKIM-Signature (its default mandatory
     fields, arc=False), step by step, its patterns compiled once: it looked up nine in re's
     cache per signature (equality, errors included: tests/test_auth_dkim.py)."""
-    for name in (b"v", b"a", b"b", b"bh", b"d", b"h", b"s"):
-        if name not in sig:
-            raise dkimpy.ValidationError(f"missing {name!r}=")
+    if not sig.keys() >= _MANDATORY:
+        for name in (b"v", b"a", b"b", b"bh", b"d", b"h", b"s"):  # the first missing, named
+            if name not in sig:
+                raise dkimpy.ValidationError(f"missing {name!r}=")
     if b"a" in sig and sig[b"a"] not in HASH_ALGORITHMS:
         raise dkimpy.ValidationError(f"unknown signature algorithm: {sig[b'a']!r}")
-    b_is_base64 = _BASE64.match(sig[b"b"]) is not None  # b= is mandatory: it is there
+    b_is_base64 = is_base64(sig[b"b"])  # b= is mandatory: it is there
     if b"b" in sig:
         if not b_is_base64:
             raise dkimpy.ValidationError(f"b= value is not valid base64 ({sig[b'b']!r})")
@@ -221,7 +370,8 @@ def validate_signature_fields(sig: dict[bytes, bytes]) -> None:
 
 
 def _b64(value: bytes) -> bytes:
-    return base64.b64decode(value.translate(None, _WS))
+    # base64.b64decode(value) of bytes, less its two Python-level steps
+    return binascii.a2b_base64(value.translate(None, _WS))
 
 
 @lru_cache(maxsize=64)
@@ -234,9 +384,24 @@ def _emsa_prefix(hash_name: str, mlen: int) -> bytes:
     return bytes(encoded[: -hasher.digest_size])
 
 
-_WSP_CRLF = re.compile(rb"[\t ]+\r\n")
-_WSP = re.compile(rb"[\t ]+")
 _TAIL = b" \t\r"  # what relaxed canonicalisation may still change at a chunk's end
+
+
+def relax_body(data: bytes) -> bytes:
+    r"""re.sub(rb"[\t ]+", b" ", re.sub(rb"[\t ]+\r\n", b"\r\n", data)), relaxed body
+    canonicalisation within a chunk, by bytes methods where the patterns would change
+    nothing or little: sre tried them at every octet, 1.5 M instructions for 4 KB (equality:
+    tests/test_auth_dkim.py). White space before a CRLF goes; then every run of tabs and
+    spaces is one space."""
+    if b" \r\n" in data or b"\t\r\n" in data:
+        lines = data.split(b"\r\n")
+        last = lines.pop()  # not followed by a CRLF: kept as it is
+        data = b"\r\n".join([line.rstrip(b" \t") for line in lines] + [last])
+    if b"\t" in data:
+        data = data.replace(b"\t", b" ")
+    while b"  " in data:  # a run of n spaces is about n/2 after each pass
+        data = data.replace(b"  ", b" ")
+    return data
 
 
 class BodyCanon:
@@ -257,7 +422,7 @@ class BodyCanon:
             # white space and CR at the end may join the next chunk's: kept back
             cut = len(data.rstrip(_TAIL))
             data, tail = data[:cut], data[cut:]
-            data = _WSP.sub(b" ", _WSP_CRLF.sub(b"\r\n", data))
+            data = relax_body(data)
         else:
             tail = b""
             if data.endswith(b"\r"):
@@ -274,7 +439,7 @@ class BodyCanon:
     def end(self) -> None:
         held, self._held = self._held, b""
         if self.relaxed and held:
-            held = _WSP.sub(b" ", _WSP_CRLF.sub(b"\r\n", held))
+            held = relax_body(held)
         # the trailing empty lines go; what is left before them (a lone CR, white space) is
         # content, and the body then ends with one CRLF (dkimpy adds it when missing)
         end = len(held)
@@ -285,6 +450,13 @@ class BodyCanon:
             self._emitted = True
         if self._emitted or not self.relaxed:
             self._emit(b"\r\n")  # a relaxed empty body stays empty (RFC 6376 errata 3192)
+
+
+@lru_cache(maxsize=64)
+def _canonicalization(c: bytes) -> tuple[bool, bool]:
+    """(relaxed header, relaxed body) of a c= value (dkimpy's errors): signers use a few."""
+    policy = CanonicalizationPolicy.from_c_value(c)
+    return policy.header_algorithm is Relaxed, policy.body_algorithm is Relaxed
 
 
 @dataclass(slots=True)
@@ -366,14 +538,21 @@ class Verifier:
     (`hashes`) fed to BodyHashes as the body streams, verify at the end with keys fetched by
     then."""
 
-    def __init__(self, header: bytes, max_signatures: int, min_key_bits: int) -> None:
+    def __init__(self, header: bytes, max_signatures: int, min_key_bits: int,
+                 fields: list[HeaderField] | None = None) -> None:
+        """fields: HeaderSection's fields of header, when it has them (no second parse)."""
         self.header = header  # the held header section, message bytes, as it came
         self.min_key_bits = min_key_bits
         self.signatures: list[Signature] = []
         self.headers: list[list[bytes]] = []
+        self.by_name: dict[bytes, list[list[bytes]]] = {}
+        split = split_fields(header, fields) if fields is not None else None
         try:
-            # dkimpy's DKIM(header + CRLF) parses the section so
-            self.headers = parse_header(header + b"\r\n")
+            if split is not None:
+                self.headers, self.by_name = split
+            else:  # dkimpy's DKIM(header + CRLF) parses the section so
+                self.headers = parse_header(header + b"\r\n")
+                self.by_name = by_lower_name(self.headers)
         except dkimpy.DKIMException as exc:
             # the section itself is malformed: dkimpy would fail every signature
             error = str(exc)
@@ -381,9 +560,10 @@ class Verifier:
             self.signatures = [Signature(i, error=error)
                                for i in range(min(count, max_signatures))]
             return
-        found = [(n, v) for n, v in self.headers if n.lower() == b"dkim-signature"]
+        found = self.by_name.get(b"dkim-signature", [])
         for index in range(min(len(found), max_signatures)):
-            self.signatures.append(self._parse(index, found[index]))
+            name, value = found[index]
+            self.signatures.append(self._parse(index, (name, value)))
 
     def _parse(self, index: int, header: tuple[bytes, bytes]) -> Signature:
         """dkimpy's verify_headerprep(index) and its c= check, on the signature's field."""
@@ -394,9 +574,11 @@ class Verifier:
             except InvalidTagValueList as exc:
                 raise dkimpy.MessageFormatError(exc) from None
             validate_signature_fields(fields)
-            include = [x.lower() for x in _H_SPLIT.split(fields[b"h"])]
-            policy = CanonicalizationPolicy.from_c_value(fields.get(b"c", b"simple/simple"))
-            body = BodyHash(policy.body_algorithm is Relaxed, HASH_ALGORITHMS[fields[b"a"]](),
+            h = fields[b"h"].lower()
+            # without white space (the usual h=), the pattern splits at each colon
+            include = h.split(b":") if len(h.split()) == 1 else _H_SPLIT.split(h)
+            relaxed_header, relaxed_body = _canonicalization(fields.get(b"c", b"simple/simple"))
+            body = BodyHash(relaxed_body, HASH_ALGORITHMS[fields[b"a"]](),
                             int(fields[b"l"]) if b"l" in fields else None)
         except Exception as exc:  # the sender wrote this field
             # dkimpy's own errors, and anything else a malformed field trips: that signature
@@ -409,7 +591,7 @@ class Verifier:
             return sig
         sig.fields = fields
         sig.include = include
-        sig.relaxed_header = policy.header_algorithm is Relaxed
+        sig.relaxed_header = relaxed_header
         sig.domain = _domain(fields[b"d"])
         sig.selector = _domain(fields[b"s"])
         sig.body = body
@@ -466,16 +648,17 @@ class Verifier:
         if b"from" in include:  # dkimpy's bug#644046: any additional From is hashed too
             include = [*include, b"from"]
         # dkimpy canonicalises every field, then picks those h= names (each name's fields
-        # bottom up); only those are canonicalised here: a message's twenty Received fields
-        # need not be, and the filter keeps each name's fields in their order
-        wanted = frozenset(include)
-        canon = relaxed_headers if sig.relaxed_header else _simple_headers
-        selected = canon([h for h in self.headers if h[0].lower() in wanted])
-        signed = dkimpy.select_headers(selected, include)
-        name, value = canon([(sig.header[0], dkimpy.RE_BTAG.sub(b"\\1", sig.header[1]))])[0]
-        # the signature field is hashed without its trailing CRLF
-        data = b"".join([b"".join((x, b":", y)) for x, y in signed]
-                        + [name, b":", value.rstrip()])
+        # bottom up); here the fields are picked first, and only those canonicalised: a
+        # message's twenty Received fields need not be (canonicalisation works field by
+        # field and keeps a parsed name's case-folded form, so the order does not matter)
+        canon = relaxed_lines if sig.relaxed_header else simple_lines
+        signed = select_headers(self.by_name, include)
+        signed.append((sig.header[0], strip_b(sig.header[1])))  # last, its b= blanked out
+        lines = canon(signed)
+        # the signature field is hashed without its trailing CRLF (white space after the
+        # colon is the value's: rstrip of the line is rstrip of the value)
+        lines[-1] = lines[-1].rstrip()
+        data = b"".join(lines)
         hasher = HASH_ALGORITHMS[fields[b"a"]](data)
         signature = _b64(fields[b"b"])
         if ktag == b"rsa":
@@ -500,8 +683,6 @@ class Verifier:
 _H_SPLIT = re.compile(rb"\s*:\s*")
 
 
-def _simple_headers(headers: list[Any]) -> list[Any]:
-    return headers  # dkimpy's Simple.canonicalize_headers
 _SIGNATURE_START = re.compile(rb"(?im)^dkim-signature[ \t]*:")
 
 

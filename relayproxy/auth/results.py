@@ -13,6 +13,7 @@ from .spf import SPFResult
 
 # RFC 8601 2.2: the authserv-id is the first token, before ";" or a comment
 _AUTHSERV = re.compile(r"^\s*(?:\([^)]*\)\s*)*([^\s;(]+)")
+_FOLD = ";\r\n\t"  # between two clauses: each on a line of its own
 # a value the field may carry as written (RFC 2045 token); anything else is quoted
 _TOKEN = re.compile(r"^[!#$%&'*+.0-9A-Z^_`a-z{|}~@-]+$")
 
@@ -90,8 +91,7 @@ class AuthResults:
     def field(self, authserv: str) -> bytes:
         """The whole Authentication-Results field, folded, CRLF-ended."""
         clauses = self.methods() or ["none"]
-        text = f"Authentication-Results: {authserv};" + ";".join(
-            f"\r\n\t{c}" for c in clauses) + "\r\n"
+        text = f"Authentication-Results: {authserv};\r\n\t{_FOLD.join(clauses)}\r\n"
         return text.encode("ascii", "replace")
 
     def log_fields(self) -> dict[str, str]:
