@@ -130,6 +130,10 @@ class MimeScanner:
     Content-Transfer-Encoding values (None when absent); text_budget caps `text` (see module).
     """
 
+    __slots__ = ("_bol", "_buf", "_closed", "_default", "_entities", "_fields", "_frames",
+                 "_hsize", "_in_headers", "_joined", "_on_text", "_open", "_partial", "_parts",
+                 "_parts_truncated", "_room", "_text", "_texts")
+
     def __init__(self, content_type: str | None, transfer_encoding: str | None,
                  text_budget: int, on_text: Callable[[str], None] | None = None) -> None:
         # on_text: given the decoded text as it comes, a "\n" between parts as in `text` (a
@@ -158,7 +162,10 @@ class MimeScanner:
     def text(self) -> str:
         if self._joined is not None:
             return self._joined
-        return "\n".join("".join(pieces) for pieces in self._texts)
+        texts = self._texts
+        if len(texts) == 1 and len(texts[0]) == 1:
+            return texts[0][0]  # one part, decoded in one piece: most small messages
+        return "\n".join("".join(pieces) for pieces in texts)
 
     @property
     def parts(self) -> list[Part]:
@@ -195,7 +202,8 @@ class MimeScanner:
         if self._closed:
             return
         self._closed = True
-        self._run(final=True)
+        if self._in_headers or self._frames or self._buf:
+            self._run(final=True)  # else nothing was held back: a single part, all emitted
         self._end_text()
         self._buf = bytearray()
         # one copy of the text from here on, not the pieces and their join both (a body of
