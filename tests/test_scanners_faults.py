@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 from support.backpressure import TOTAL, stalled_delivery
@@ -226,6 +226,14 @@ def test_rspamd_broken_answer_tempfails_as_protocol_error(
 # ---------------------------------------------------------------------- a clamd that stalls
 
 
+def instream_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    """The chunks of the one zINSTREAM command a fake clamd reads, up to the zero-length one
+    that ends it (each handed on, none kept: a 100 MB stream stays out of memory)."""
+    assert stream.read(10) == b"zINSTREAM\0"
+    while size := struct.unpack(">I", stream.read(4))[0]:
+        yield stream.read(size)
+
+
 class StallingClamd:
     """Takes an INSTREAM connection and reads none of it until `go` is set; then reads the
     stream to its end and answers OK."""
@@ -243,9 +251,8 @@ class StallingClamd:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             self.go.wait(60)
             stream = conn.makefile("rb")
-            assert stream.read(10) == b"zINSTREAM\0"
-            while size := struct.unpack(">I", stream.read(4))[0]:
-                self.received += len(stream.read(size))
+            for chunk in instream_chunks(stream):
+                self.received += len(chunk)
             conn.sendall(b"stream: OK\0")
 
     def start(self) -> StallingClamd:
@@ -300,9 +307,8 @@ class SilentClamd:
         conn, _ = self.listener.accept()
         with conn:
             stream = conn.makefile("rb")
-            assert stream.read(10) == b"zINSTREAM\0"
-            while size := struct.unpack(">I", stream.read(4))[0]:
-                self.received += len(stream.read(size))
+            for chunk in instream_chunks(stream):
+                self.received += len(chunk)
             self.ended.set()
             conn.recv(1)  # until the proxy gives up and closes
 
@@ -343,9 +349,8 @@ class UnixClamd:
         conn, _ = self.listener.accept()
         with conn:
             stream = conn.makefile("rb")
-            assert stream.read(10) == b"zINSTREAM\0"
-            while size := struct.unpack(">I", stream.read(4))[0]:
-                self.received += stream.read(size)
+            for chunk in instream_chunks(stream):
+                self.received += chunk
             conn.sendall(self.answer)
 
 

@@ -350,8 +350,10 @@ class RulesCheck(Check):
         is off (it is unknown then): no coroutine, no timer for that."""
         if not self.waits[stage]:
             return False
-        if self.stage_zones[stage] or s.rdns_known:
-            return bool(self.stage_zones[stage])
+        if self.stage_zones[stage]:
+            return True
+        if s.rdns_known:
+            return False
         if session.name_lookup is None:
             s.rdns, s.rdns_known = None, True
             return False
