@@ -34,17 +34,19 @@ from relayproxy.auth.dkim import (
     ORIGINAL_STR2INT,
     BodyCanon,
     BodyHashes,
+    Signature,
     Verifier,
     _emsa_prefix,
     by_lower_name,
     is_base64,
+    pairs,
     parse_header,
     parse_tag_value,
     relax_body,
     relaxed_lines,
     select_headers,
     simple_lines,
-    split_fields,
+    splits_alike,
     strip_b,
     validate_signature_fields,
 )
@@ -146,24 +148,32 @@ def _dkimpy(message: bytes, zone: DnsServer) -> list[bool]:
 
 
 def _verify_streamed(message: bytes, host: str, port: int, dns_timeout: float,
-                     cuts: list[int]) -> list[str]:
-    """The streamed verifier's results: keys looked up at host:port, the body fed in cuts."""
+                     cuts: list[int], section: bool = False) -> list[str]:
+    """The streamed verifier's results: keys looked up at host:port, the body fed in cuts;
+    section: the header section given as the check gives it (a HeaderSection too)."""
     head, _, body = message.partition(b"\r\n\r\n")
-    verifier = Verifier(head + b"\r\n", 5, 1024)
+    if section:
+        headers = HeaderSection.parse(head + b"\r\n")
+        original = b"".join(f.raw for f in headers.fields)
+        verifier = Verifier(original, 5, 1024, headers)
+    else:
+        verifier = Verifier(head + b"\r\n", 5, 1024)
     table = fetch_keys(verifier.key_names, host, port, dns_timeout)
     feed_body(BodyHashes(verifier.hashes), body, cuts)
     return [r.result for r in verifier.results(table)]
 
 
-def _streamed(message: bytes, zone: DnsServer, cuts: list[int]) -> list[str]:
-    return _verify_streamed(message, zone.host, zone.port, 2, cuts)
+def _streamed(message: bytes, zone: DnsServer, cuts: list[int], section: bool = False
+              ) -> list[str]:
+    return _verify_streamed(message, zone.host, zone.port, 2, cuts, section)
 
 
+@pytest.mark.parametrize("section", [False, True])
 @pytest.mark.parametrize("name", sorted(CORPUS))
-def test_streamed_equals_dkimpy(name: str, zone: DnsServer) -> None:
+def test_streamed_equals_dkimpy(name: str, section: bool, zone: DnsServer) -> None:
     message = CORPUS[name]
     reference = _dkimpy(message, zone)
-    streamed = _streamed(message, zone, [])
+    streamed = _streamed(message, zone, [], section)
     assert [r == "pass" for r in streamed] == reference, (name, streamed, reference)
 
 
@@ -323,35 +333,52 @@ def test_h_list_equals_dkimpys(parts: list[bytes]) -> None:
     parsed = Verifier(b"DKIM-Signature: " + value + b"\r\n", 5, 1024).signatures[0]
     if not parsed.error:  # dkimpy's verify_headerprep, on h= as the tag list parse left it
         theirs = [x.lower() for x in re.split(rb"\s*:\s*", parsed.fields[b"h"])]
-        assert parsed.include == theirs
+        assert list(parsed.include) == theirs
 
 
 @settings(max_examples=2000, deadline=None)
-@given(parts=st.lists(st.sampled_from([*_HEADER_PIECES, b"\r\n ", b"\r\n\t", b"X :", b"."]),
-                      max_size=20))
-def test_header_parse_from_header_section_fields_equals_dkimpys(parts: list[bytes]) -> None:
-    # any section HeaderSection splits: the same headers as dkimpy's parse, or None
+@given(parts=st.lists(st.sampled_from([*_HEADER_PIECES, b"\r\n ", b"\r\n\t", b"X :", b".",
+                                       b"\x0b", b"TO:", b": x"]),
+                      max_size=20),
+       include=st.lists(st.sampled_from([b"from", b"to", b"x", b"subject", b"\xc3\xa9", b""]),
+                        max_size=4))
+def test_header_parse_from_header_section_fields_equals_dkimpys(parts: list[bytes],
+                                                                include: list[bytes]) -> None:
+    # any section HeaderSection splits: the same headers as dkimpy's parse, or the slow way
     section = b"".join(parts)
-    fields = HeaderSection.parse(section).fields
+    headers = HeaderSection.parse(section)
+    fields = headers.fields
     original = b"".join(f.raw for f in fields)  # what the check gives (dots unstuffed)
-    ours = split_fields(original, fields)
-    if ours is not None:
+    if splits_alike(original, fields):
         theirs = dkim.rfc822_parse(original + b"\r\n")[0]
-        assert ours == (theirs, by_lower_name(theirs))
+        assert pairs(fields) == theirs
+        # the fields of each name, looked up in the section's index as the Verifier does
+        by_name = by_lower_name(theirs)
+        for name in include:
+            found = pairs(headers.get_lower(name.decode("ascii", "replace")))
+            assert found == by_name.get(name, [])
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
-def test_corpus_header_sections_take_the_split_fields(name: str) -> None:
+def test_corpus_header_sections_split_alike(name: str) -> None:
     found = find_end(CORPUS[name] + b"\r\n")
     assert found is not None
     head = CORPUS[name][:found[0]]
-    fields = HeaderSection.parse(head).fields
-    ours = split_fields(head, fields)
+    section = HeaderSection.parse(head)
     # only a bare CR (tampered-header's) leaves the split to dkimpy's parse
-    assert (ours is None) == (head.count(b"\r") != head.count(b"\r\n"))
-    if ours is not None:
-        assert ours[0] == parse_header(head + b"\r\n")
-    assert Verifier(head, 5, 1024, fields).headers == Verifier(head, 5, 1024).headers
+    alike = splits_alike(head, section.fields)
+    assert alike == (head.count(b"\r") == head.count(b"\r\n"))
+    if alike:
+        assert pairs(section.fields) == parse_header(head + b"\r\n")
+    ours, theirs = Verifier(head, 5, 1024, section), Verifier(head, 5, 1024)
+    for name in ours.by_name:  # the names the section path looked up: as the full parse
+        assert ours.by_name[name] == theirs.by_name.get(name, [])
+    assert [_parsed(sig) for sig in ours.signatures] == [_parsed(sig) for sig in theirs.signatures]
+
+
+def _parsed(sig: Signature) -> tuple[Any, ...]:
+    return (sig.index, sig.fields, sig.error, sig.domain, sig.selector, sig.header,
+            sig.include, sig.relaxed_header, sig.body is None)
 
 
 _NAMES = [b"from", b"From", b"FROM", b"to", b"x-a", b"X-A", b"subject"]
@@ -390,9 +417,9 @@ _FIELD_VALUES: dict[bytes, list[bytes]] = {
            b"x@d.test"],
     b"l": [b"100", b"1x", b"9" * 77],
     b"q": [b"dns/txt", b"http"],
-    b"t": [str(_NOW - 100).encode(), str(_NOW + 86400).encode(), b"12a"],
+    b"t": [str(_NOW - 100).encode(), str(_NOW + 86400).encode(), b"12a", b"12\n", b""],
     b"x": [str(_NOW + 3600).encode(), str(_NOW - 86400).encode(), str(_NOW - 200).encode(),
-           b"x"],
+           b"x", str(_NOW + 3600).encode() + b"\n"],
     b"cv": [b"pass", b"bogus"],
 }
 
@@ -414,7 +441,8 @@ def test_signature_field_validation_equals_dkimpys(data: st.DataObject) -> None:
         assert ours == theirs
 
 
-_FIELD_PIECES = [b"a", b" ", b"\t", b"\r\n", b"\n", b"\r", b"  ", b"\r\n\t", b"x y"]
+_FIELD_PIECES = [b"a", b" ", b"\t", b"\r\n", b"\n", b"\r", b"  ", b"\r\n\t", b"x y", b"\x0b",
+                 b"\x0c"]
 
 
 @settings(max_examples=800, deadline=None)

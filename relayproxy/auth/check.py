@@ -153,7 +153,7 @@ class AuthCheck(Check):
         hashes: list[BodyHash] = []
         if cfg.dkim.enabled:
             tx.verifier = Verifier(original, cfg.dkim.max_signatures, cfg.dkim.min_key_bits,
-                                   headers.fields)
+                                   headers)
             for name in tx.verifier.key_names:
                 self._fetch(tx, name)
             hashes += tx.verifier.hashes

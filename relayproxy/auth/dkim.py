@@ -21,9 +21,10 @@ import contextlib
 import hashlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import attrgetter, getitem
 from typing import Any
 
 import dkim as dkimpy
@@ -37,7 +38,7 @@ from dkim.canonicalization import (
 from dkim.crypto import HASH_ALGORITHMS, DigestTooLargeError
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
-from ..headers import HeaderField
+from ..headers import HeaderField, HeaderSection
 
 
 def _int2str(n: int, length: int = -1) -> bytes:
@@ -112,9 +113,17 @@ def strip_b(value: bytes) -> bytes:
 
 
 @lru_cache(maxsize=256)
-def _public_key(record: bytes) -> tuple[Any, Any, Any, Any]:
-    """dkimpy's parse of a key record, kept: the same few keys sign most of the mail."""
-    return tuple(dkimpy.evaluate_pk("key", record))
+def _public_key(record: bytes) -> tuple[Any, Any, Any, Any, tuple[int, Any, Any] | None]:
+    """dkimpy's parse of a key record (pk, keysize, ktag, seqtlsrpt), kept: the same few keys
+    sign most of the mail; with, for an RSA key, its modulus length in octets and its
+    exponent and modulus as GMP numbers (each conversion costs as much as the rest)."""
+    pk, keysize, ktag, seqtlsrpt = dkimpy.evaluate_pk("key", record)
+    rsa = None
+    if ktag == b"rsa" and isinstance(pk, dict):
+        with contextlib.suppress(TypeError, KeyError, AttributeError):
+            modulus, exponent = pk["modulus"], pk["publicExponent"]
+            rsa = (len(_int2str(modulus)), gmpy2.mpz(exponent), gmpy2.mpz(modulus))
+    return pk, keysize, ktag, seqtlsrpt, rsa
 
 
 _NAME_OCTETS = bytes(range(0x21, 0x7F))
@@ -172,39 +181,39 @@ def _name_key(name: str) -> bytes | None:
     return key
 
 
-def split_fields(section: bytes, fields: list[HeaderField]
-                 ) -> tuple[list[list[bytes]], dict[bytes, list[list[bytes]]]] | None:
-    """(parse_header(section + CRLF), by_lower_name of it) from HeaderSection's fields of
-    section, split there already (each field its first line and its continuation lines);
-    None where the two splits could differ, which parse_header then decides: a bare CR or
-    LF (HeaderSection ends a line at either), a name dkimpy would not take (white space
-    before the colon, a character outside printable ASCII). Equality:
-    tests/test_auth_dkim.py."""
+_FIELD_NAME, _FIELD_RAW = attrgetter("name"), attrgetter("raw")
+
+
+def splits_alike(section: bytes, fields: list[HeaderField]) -> bool:
+    """Whether dkimpy's parse of section + CRLF gives HeaderSection's fields of section (each
+    field its first line and its continuation lines), each split after its name (pairs()).
+    Not where the two splits could differ, which parse_header then decides: a bare CR or LF
+    (HeaderSection ends a line at either), a name dkimpy would not take (white space before
+    the colon, a character outside printable ASCII). The fields are read by C loops: a
+    Python loop over a section's fields cost more than the rest of the parse (equality:
+    tests/test_auth_dkim.py)."""
     if section[-2:] != b"\r\n":
-        return None
+        return False
     rest = section.replace(b"\r\n", b"")
-    if b"\r" in rest or b"\n" in rest:
-        return None
-    headers: list[list[bytes]] = []
-    by_name: dict[bytes, list[list[bytes]]] = {}
-    for f in fields:
-        name, raw = f.name, f.raw
-        key = _name_key(name)
-        colon = len(name)
+    if 13 in rest or 10 in rest:  # an int: bytes in bytes first fails to read one, at a cost
+        return False
+    names = list(map(_FIELD_NAME, fields))
+    if None in map(_NAME_KEYS.get, names) and None in map(_name_key, names):
+        return False
+    try:
         # the name HeaderSection read ends at the colon: no white space before it
-        if key is None or raw[colon : colon + 1] != b":":
-            return None
-        header = [raw[:colon], raw[colon + 1 :]]
-        headers.append(header)
-        found = by_name.get(key)
-        if found is None:
-            by_name[key] = [header]
-        else:
-            found.append(header)
-    return headers, by_name
+        colons = bytes(map(getitem, map(_FIELD_RAW, fields), map(len, names)))
+    except IndexError:  # no colon after it at all
+        return False
+    return not colons.strip(b":")
 
 
-def select_headers(by_name: dict[bytes, list[Any]], include: list[bytes]) -> list[Any]:
+def pairs(fields: list[HeaderField]) -> list[list[bytes]]:
+    """dkimpy's [name, value] of each field (for a section that splits_alike)."""
+    return [[f.raw[:n], f.raw[n + 1 :]] for f in fields for n in (len(f.name),)]
+
+
+def select_headers(by_name: dict[bytes, list[Any]], include: Sequence[bytes]) -> list[Any]:
     """dkimpy's select_headers(headers, include) (each name's fields bottom up, each once),
     from the headers grouped by lower-case name in their order: dkimpy lowers every name
     again for every name h= lists (equality: tests/test_auth_dkim.py)."""
@@ -268,15 +277,20 @@ _WSP_RUN = re.compile(rb"[\t ]+")
 def relaxed_lines(headers: list[Any]) -> list[bytes]:
     r"""dkimpy's Relaxed.canonicalize_headers, each field as the name:value line that is
     hashed, without its regular expressions where they would change nothing: unfolding
-    removes each LF and the CR just before it (as re.sub(b"\r?\n", b"", v)), and white
-    space is compressed only when a tab or two spaces are there (equality:
-    tests/test_auth_dkim.py)."""
+    removes each LF and the CR just before it (as re.sub(b"\r?\n", b"", v)); where tabs
+    and spaces are the only white space left, split() cuts at their runs and drops those at
+    both ends, as compression then strip() do (equality: tests/test_auth_dkim.py). A
+    membership test takes an int: bytes in bytes first fails to read an int, at a cost."""
     out = []
     for name, value in headers:
-        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
-        if b"\t" in value or b"  " in value:
-            value = _WSP_RUN.sub(b" ", value)
-        out.append(name.lower().rstrip() + b":" + value.strip() + b"\r\n")
+        value = value.replace(b"\r\n", b"")
+        if 10 in value:
+            value = value.replace(b"\n", b"")
+        if 13 in value or 11 in value or 12 in value:  # \s that compression keeps
+            value = _WSP_RUN.sub(b" ", value).strip()
+        else:
+            value = b" ".join(value.split())
+        out.append(name.lower().rstrip() + b":" + value + b"\r\n")
     return out
 
 
@@ -313,60 +327,68 @@ _MANDATORY = frozenset((b"v", b"a", b"b", b"bh", b"d", b"h", b"s"))
 def validate_signature_fields(sig: dict[bytes, bytes]) -> None:
     """dkimpy's validate_signature_fields(sig) for a DKIM-Signature (its default mandatory
     fields, arc=False), step by step, its patterns compiled once: it looked up nine in re's
-    cache per signature (equality, errors included: tests/test_auth_dkim.py)."""
+    cache per signature; each value is looked up once, and the mandatory ones are there
+    after the first test (equality, errors included: tests/test_auth_dkim.py)."""
+    _validate(sig)
+
+
+def _validate(sig: dict[bytes, bytes]) -> bytes:
+    """validate_signature_fields(sig), returning b= without its white space (what is decoded
+    and shown: removed once for all three)."""
     if not sig.keys() >= _MANDATORY:
         for name in (b"v", b"a", b"b", b"bh", b"d", b"h", b"s"):  # the first missing, named
             if name not in sig:
                 raise dkimpy.ValidationError(f"missing {name!r}=")
-    if b"a" in sig and sig[b"a"] not in HASH_ALGORITHMS:
+    if sig[b"a"] not in HASH_ALGORITHMS:
         raise dkimpy.ValidationError(f"unknown signature algorithm: {sig[b'a']!r}")
-    b_is_base64 = is_base64(sig[b"b"])  # b= is mandatory: it is there
-    if b"b" in sig:
-        if not b_is_base64:
-            raise dkimpy.ValidationError(f"b= value is not valid base64 ({sig[b'b']!r})")
-        if len(sig[b"b"].translate(None, _WS)) % 4 != 0:
-            raise dkimpy.ValidationError(f"b= value is not valid base64 ({sig[b'b']!r})")
-    if b"bh" in sig:
-        if not b_is_base64:  # sic: dkimpy checks b= here, the same match again
-            raise dkimpy.ValidationError(f"bh= value is not valid base64 ({sig[b'bh']!r})")
-        if len(sig[b"bh"].translate(None, _WS)) % 4 != 0:
-            raise dkimpy.ValidationError(f"bh= value is not valid base64 ({sig[b'bh']!r})")
-    if b"cv" in sig and sig[b"cv"] not in (dkimpy.CV_Pass, dkimpy.CV_Fail, dkimpy.CV_None):
-        raise dkimpy.ValidationError(f"cv= value is not valid ({sig[b'cv']!r})")
+    b = sig[b"b"]
+    b_clean = b.translate(None, _WS)
+    if not is_base64(b) or len(b_clean) % 4 != 0:
+        raise dkimpy.ValidationError(f"b= value is not valid base64 ({b!r})")
+    # dkimpy tests b= (not bh=) against the pattern again for bh=: it passed just above
+    if len(sig[b"bh"].translate(None, _WS)) % 4 != 0:
+        raise dkimpy.ValidationError(f"bh= value is not valid base64 ({sig[b'bh']!r})")
+    get = sig.get
+    cv = get(b"cv")
+    if cv is not None and cv not in (dkimpy.CV_Pass, dkimpy.CV_Fail, dkimpy.CV_None):
+        raise dkimpy.ValidationError(f"cv= value is not valid ({cv!r})")
     d = sig[b"d"]
     if d.isascii() and _D_SPECIALS.search(d):
         raise dkimpy.ValidationError(f"d= value is not valid ({d!r})")
     # i= is [local-part]@domain (RFC 6376 3.5): one equal to d= without the "@" is invalid
     # here, where dkimpy trips over it with an IndexError (a tempfail at every retry)
-    if b"i" in sig and (not sig[b"i"].lower().endswith(d.lower())
-                        or len(sig[b"i"]) <= len(d)
-                        or sig[b"i"][-len(d) - 1] not in (64, 46)):
-        raise dkimpy.ValidationError(
-            f"i= domain is not a subdomain of d= (i={sig[b'i']!r} d={d!r})")
-    if b"l" in sig and _LENGTH.match(sig[b"l"]) is None:
-        raise dkimpy.ValidationError(f"l= value is not a decimal integer ({sig[b'l']!r})")
-    if b"q" in sig and sig[b"q"] != b"dns/txt":
-        raise dkimpy.ValidationError(f"q= value is not dns/txt ({sig[b'q']!r})")
+    i = get(b"i")
+    if i is not None and (not i.lower().endswith(d.lower()) or len(i) <= len(d)
+                          or i[-len(d) - 1] not in (64, 46)):
+        raise dkimpy.ValidationError(f"i= domain is not a subdomain of d= (i={i!r} d={d!r})")
+    length = get(b"l")
+    if length is not None and _LENGTH.match(length) is None:
+        raise dkimpy.ValidationError(f"l= value is not a decimal integer ({length!r})")
+    q = get(b"q")
+    if q is not None and q != b"dns/txt":
+        raise dkimpy.ValidationError(f"q= value is not dns/txt ({q!r})")
+    t = get(b"t")
     t_sign = None
-    if b"t" in sig:
-        if _DIGITS.match(sig[b"t"]) is None:
-            raise dkimpy.ValidationError(
-                f"t= value is not a decimal integer ({sig[b't']!r})")
-        t_sign = int(sig[b"t"])
+    if t is not None:
+        # \d+$ also takes a final LF, which isdigit() does not: the pattern decides then
+        if not t.isdigit() and _DIGITS.match(t) is None:
+            raise dkimpy.ValidationError(f"t= value is not a decimal integer ({t!r})")
+        t_sign = int(t)
         if t_sign > int(time.time()) + _SLOP:
-            raise dkimpy.ValidationError(f"t= value is in the future ({sig[b't']!r})")
-    if b"v" in sig and sig[b"v"] != b"1":
+            raise dkimpy.ValidationError(f"t= value is in the future ({t!r})")
+    if sig[b"v"] != b"1":
         raise dkimpy.ValidationError(f"v= value is not 1 ({sig[b'v']!r})")
-    if b"x" in sig:
-        if _DIGITS.match(sig[b"x"]) is None:
-            raise dkimpy.ValidationError(
-                f"x= value is not a decimal integer ({sig[b'x']!r})")
-        x_sign = int(sig[b"x"])
+    x = get(b"x")
+    if x is not None:
+        if not x.isdigit() and _DIGITS.match(x) is None:
+            raise dkimpy.ValidationError(f"x= value is not a decimal integer ({x!r})")
+        x_sign = int(x)
         if x_sign < int(time.time()) - _SLOP:
-            raise dkimpy.ValidationError(f"x= value is past ({sig[b'x']!r})")
+            raise dkimpy.ValidationError(f"x= value is past ({x!r})")
         if t_sign and x_sign < t_sign:
             raise dkimpy.ValidationError(
-                f"x= value is less than t= value (x={sig[b'x']!r} t={sig[b't']!r})")
+                f"x= value is less than t= value (x={x!r} t={t!r})")
+    return b_clean
 
 
 def _b64(value: bytes) -> bytes:
@@ -512,8 +534,9 @@ class Signature:
     selector: str = ""
     body: BodyHash | None = None  # set when the field is usable
     header: tuple[bytes, bytes] = (b"", b"")  # the DKIM-Signature field (name, value)
-    include: list[bytes] = field(default_factory=list)  # h=, lower case
+    include: tuple[bytes, ...] = ()  # h=, lower case
     relaxed_header: bool = False  # c= (else simple)
+    b: bytes = b""  # b= without white space
 
     @property
     def key_name(self) -> str:
@@ -529,8 +552,19 @@ class DKIMResult:
     reason: str = ""
 
 
+@lru_cache(maxsize=1024)
 def _domain(value: bytes) -> str:
+    # d= and s= (kept: the same signers come back message after message)
     return value.decode("ascii", "replace").lower().rstrip(".")
+
+
+@lru_cache(maxsize=1024)
+def _include(h: bytes) -> tuple[bytes, ...]:
+    r"""dkimpy's h= list: re.split(rb"\s*:\s*", h.lower()) (kept: a signer lists the same
+    fields message after message)."""
+    h = h.lower()
+    # without white space (the usual h=), the pattern splits at each colon
+    return tuple(h.split(b":") if len(h.split()) == 1 else _H_SPLIT.split(h))
 
 
 class Verifier:
@@ -539,31 +573,39 @@ class Verifier:
     then."""
 
     def __init__(self, header: bytes, max_signatures: int, min_key_bits: int,
-                 fields: list[HeaderField] | None = None) -> None:
-        """fields: HeaderSection's fields of header, when it has them (no second parse)."""
+                 section: HeaderSection | None = None) -> None:
+        """section: the HeaderSection of header, when there is one (no second parse)."""
         self.header = header  # the held header section, message bytes, as it came
         self.min_key_bits = min_key_bits
         self.signatures: list[Signature] = []
-        self.headers: list[list[bytes]] = []
+        # the fields by lower-case name, as dkimpy splits them: all of them, or (from a
+        # section that splits alike) the DKIM-Signature fields and those the signatures'
+        # h= lists name, the only ones verification reads, looked up in the section's index
         self.by_name: dict[bytes, list[list[bytes]]] = {}
-        split = split_fields(header, fields) if fields is not None else None
-        try:
-            if split is not None:
-                self.headers, self.by_name = split
-            else:  # dkimpy's DKIM(header + CRLF) parses the section so
-                self.headers = parse_header(header + b"\r\n")
-                self.by_name = by_lower_name(self.headers)
-        except dkimpy.DKIMException as exc:
-            # the section itself is malformed: dkimpy would fail every signature
-            error = str(exc)
-            count = len(_SIGNATURE_START.findall(header))
-            self.signatures = [Signature(i, error=error)
-                               for i in range(min(count, max_signatures))]
-            return
+        lookup = None
+        if section is not None and splits_alike(header, section.fields):
+            lookup = section.get_lower
+            self.by_name[b"dkim-signature"] = pairs(lookup("dkim-signature"))
+        else:
+            try:  # dkimpy's DKIM(header + CRLF) parses the section so
+                self.by_name = by_lower_name(parse_header(header + b"\r\n"))
+            except dkimpy.DKIMException as exc:
+                # the section itself is malformed: dkimpy would fail every signature
+                error = str(exc)
+                count = len(_SIGNATURE_START.findall(header))
+                self.signatures = [Signature(i, error=error)
+                                   for i in range(min(count, max_signatures))]
+                return
         found = self.by_name.get(b"dkim-signature", [])
         for index in range(min(len(found), max_signatures)):
             name, value = found[index]
-            self.signatures.append(self._parse(index, (name, value)))
+            sig = self._parse(index, (name, value))
+            self.signatures.append(sig)
+            if lookup is not None:
+                for lname in sig.include:  # only a usable signature has them
+                    if lname not in self.by_name:
+                        # a name that is not ASCII is no field's (all are, to split alike)
+                        self.by_name[lname] = pairs(lookup(lname.decode("ascii", "replace")))
 
     def _parse(self, index: int, header: tuple[bytes, bytes]) -> Signature:
         """dkimpy's verify_headerprep(index) and its c= check, on the signature's field."""
@@ -573,13 +615,12 @@ class Verifier:
                 fields = parse_tag_value(header[1])
             except InvalidTagValueList as exc:
                 raise dkimpy.MessageFormatError(exc) from None
-            validate_signature_fields(fields)
-            h = fields[b"h"].lower()
-            # without white space (the usual h=), the pattern splits at each colon
-            include = h.split(b":") if len(h.split()) == 1 else _H_SPLIT.split(h)
+            b = _validate(fields)
+            include = _include(fields[b"h"])
             relaxed_header, relaxed_body = _canonicalization(fields.get(b"c", b"simple/simple"))
+            length = fields.get(b"l")
             body = BodyHash(relaxed_body, HASH_ALGORITHMS[fields[b"a"]](),
-                            int(fields[b"l"]) if b"l" in fields else None)
+                            None if length is None else int(length))
         except Exception as exc:  # the sender wrote this field
             # dkimpy's own errors, and anything else a malformed field trips: that signature
             # is a permerror, never an exception that tempfails the message at every retry
@@ -595,12 +636,18 @@ class Verifier:
         sig.domain = _domain(fields[b"d"])
         sig.selector = _domain(fields[b"s"])
         sig.body = body
+        sig.b = b
         return sig
 
     @property
     def key_names(self) -> list[str]:
-        return list(dict.fromkeys(s.key_name for s in self.signatures
-                                  if not s.error and s.domain and s.selector))
+        names = []
+        for s in self.signatures:
+            if not s.error and s.domain and s.selector:
+                name = s.key_name
+                if name not in names:
+                    names.append(name)
+        return names
 
     @property
     def hashes(self) -> list[BodyHash]:
@@ -608,43 +655,41 @@ class Verifier:
 
     def results(self, keys: dict[str, list[bytes] | None]) -> list[DKIMResult]:
         """Each signature's result, given its key records (None: the lookup failed)."""
-        return [self._result(sig, keys) for sig in self.signatures]
+        return [DKIMResult(result, sig.domain, sig.selector,
+                           sig.b[:8].decode("ascii", "replace"), reason)
+                for sig in self.signatures for result, reason in (self._result(sig, keys),)]
 
-    def _result(self, sig: Signature, keys: dict[str, list[bytes] | None]) -> DKIMResult:
-        b = sig.fields.get(b"b", b"").translate(None, _WS)[:8].decode("ascii", "replace")
-
-        def done(result: str, reason: str) -> DKIMResult:
-            return DKIMResult(result, sig.domain, sig.selector, b, reason)
-
+    def _result(self, sig: Signature, keys: dict[str, list[bytes] | None]) -> tuple[str, str]:
+        """(result, reason) of one signature."""
         if sig.error or sig.body is None:
-            return done("permerror", sig.error)
+            return "permerror", sig.error
         records = keys.get(sig.key_name)
         if records is None:
-            return done("temperror", "key lookup failed")
+            return "temperror", "key lookup failed"
         if not records:
-            return done("permerror", "no key")
+            return "permerror", "no key"
         # dkimpy's order: the key first (a missing or revoked key decides), then the body
         try:
-            pk, keysize, ktag, seqtlsrpt = _public_key(records[0])
+            key = _public_key(records[0])
         except (dkimpy.DKIMException, ValueError) as exc:
-            return done("permerror", f"bad key: {exc}")
+            return "permerror", f"bad key: {exc}"
         want = _b64(sig.fields[b"bh"])
         if sig.body.digest() != want:
-            return done("fail", "body hash mismatch")
+            return "fail", "body hash mismatch"
         try:
-            ok = self._verify_header(sig, pk, keysize, ktag, seqtlsrpt)
+            ok = self._verify_header(sig, key)
         except dkimpy.DKIMException as exc:
-            return done("permerror", str(exc))
-        return done("pass", "") if ok else done("fail", "signature did not verify")
+            return "permerror", str(exc)
+        return ("pass", "") if ok else ("fail", "signature did not verify")
 
-    def _verify_header(self, sig: Signature, pk: Any, keysize: Any, ktag: Any,
-                       seqtlsrpt: bool) -> bool:
+    def _verify_header(self, sig: Signature, key: tuple[Any, Any, Any, Any, Any]) -> bool:
         """dkimpy's DKIM.verify_sig_process without the body (compared already), for a
         message that is not a TLS report (tlsrpt=False, dkimpy's default)."""
+        pk, keysize, ktag, seqtlsrpt, rsa = key
         if seqtlsrpt:
             raise dkimpy.ValidationError("Message is not tlsrpt and Service Type is tlsrpt")
         fields = sig.fields
-        include = sig.include
+        include: Sequence[bytes] = sig.include
         if b"from" in include:  # dkimpy's bug#644046: any additional From is hashed too
             include = [*include, b"from"]
         # dkimpy canonicalises every field, then picks those h= names (each name's fields
@@ -658,14 +703,21 @@ class Verifier:
         # the signature field is hashed without its trailing CRLF (white space after the
         # colon is the value's: rstrip of the line is rstrip of the value)
         lines[-1] = lines[-1].rstrip()
-        data = b"".join(lines)
-        hasher = HASH_ALGORITHMS[fields[b"a"]](data)
-        signature = _b64(fields[b"b"])
+        hasher = HASH_ALGORITHMS[fields[b"a"]](b"".join(lines))
+        signature = binascii.a2b_base64(sig.b)  # _b64(b=)
         if ktag == b"rsa":
             try:
-                modlen = len(dkim.crypto.int2str(pk["modulus"]))
-                encoded = _emsa_prefix(hasher.name.lower(), modlen) + hasher.digest()
-                res: bool = encoded == dkim.crypto.rsa_encrypt(signature, pk, modlen)
+                if rsa is None:  # not the usual key: dkimpy's own steps
+                    modlen = len(dkim.crypto.int2str(pk["modulus"]))
+                    encoded = _emsa_prefix(hasher.name.lower(), modlen) + hasher.digest()
+                    res: bool = encoded == dkim.crypto.rsa_encrypt(signature, pk, modlen)
+                else:
+                    # rsa_encrypt's comparison as numbers: both sides are modlen octets
+                    # (the result is below the modulus), so equal numbers are equal octets
+                    modlen, exponent, modulus = rsa
+                    encoded = _emsa_prefix(hasher.name.lower(), modlen) + hasher.digest()
+                    res = int.from_bytes(encoded, "big") == gmpy2.powmod(
+                        int.from_bytes(signature, "big"), exponent, modulus)
                 if res and keysize < self.min_key_bits:
                     raise dkimpy.KeyFormatError(f"public key too small: {keysize}")
                 return res
