@@ -44,6 +44,7 @@ from relayproxy.auth.dkim import (
     parse_tag_value,
     relax_body,
     relaxed_lines,
+    relaxed_plain_lines,
     select_headers,
     simple_lines,
     splits_alike,
@@ -456,6 +457,23 @@ def test_relaxed_header_canonicalisation_equals_dkimpys(
     assert relaxed_lines(headers) == [name + b":" + value for name, value in theirs]
     theirs = dkim.canonicalization.Simple.canonicalize_headers(headers)
     assert simple_lines(headers) == [name + b":" + value for name, value in theirs]
+
+
+_PLAIN_PIECES = [b"a", b" ", b"\t", b"  ", b"\r\n ", b"\r\n\t", b"x y", b":", b"\x80"]
+
+
+@settings(max_examples=800, deadline=None)
+@given(fields=st.lists(st.tuples(st.sampled_from([b"Subject", b"FROM", b"x-a"]),
+                                 st.lists(st.sampled_from(_PLAIN_PIECES), max_size=10),
+                                 st.booleans()),
+                       max_size=4))
+def test_plain_relaxed_canonicalisation_equals_dkimpys(
+        fields: list[tuple[bytes, list[bytes], bool]]) -> None:
+    # a field of a section that splits alike: each CRLF before a space or tab, or at the end
+    headers = [(name, b"".join(parts) + (b"\r\n" if end else b""))
+               for name, parts, end in fields]
+    theirs = dkim.canonicalization.Relaxed.canonicalize_headers(headers)
+    assert relaxed_plain_lines(headers) == [name + b":" + value for name, value in theirs]
 
 
 @pytest.mark.parametrize("name", ["sha1", "sha256"])

@@ -44,14 +44,20 @@ KEY = "auth"  # in Envelope.facts: the transaction's AuthResults
 _STATE = "auth.state"
 
 
-_COUNTERS = {(m, r): metrics.AUTH_RESULTS.labels(m, r)
-             for m in metrics.AUTH_METHODS for r in metrics.AUTH_RESULT_VALUES}
+# each child's value, incremented directly: Counter.inc first checks what a labelled child
+# always satisfies (it is observable, the amount is positive), at four times the cost
+_INCREMENTS = {(m, r): metrics.AUTH_RESULTS.labels(m, r)._value.inc
+               for m in metrics.AUTH_METHODS for r in metrics.AUTH_RESULT_VALUES}
 
 
 def _count(method: str, result: str) -> None:
-    counter = _COUNTERS.get((method, result))
-    if counter is not None:
-        counter.inc()
+    inc = _INCREMENTS.get((method, result))
+    if inc is not None:
+        inc(1)
+
+
+_ARC_NONE = arcmod.ARCResult("none")  # a message without ARC-Seal (immutable: shared)
+_EARLY_FIELDS = 4096
 
 
 class _Tx:
@@ -93,6 +99,8 @@ class AuthCheck(Check):
         self.forwarders = tuple(ipaddress.ip_network(n, strict=False)
                                 for n in config.dmarc.trusted_forwarders)
         self.sealers = frozenset(d.lower().rstrip(".") for d in config.arc.trusted_sealers)
+        # the field prepended at the header section, by what it can say then
+        self._early: dict[tuple[spfmod.SPFResult | None, bool, bool], bytes] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -181,13 +189,28 @@ class AuthCheck(Check):
                 self._fetch(tx, name)
             hashes += tx.chain.hashes
         elif cfg.arc.enabled:
-            tx.results.arc = arcmod.ARCResult("none")  # no seal: known now
+            tx.results.arc = _ARC_NONE  # no seal: known now
         if hashes:
             tx.body = BodyHashes(hashes)
         self._strip_forged(headers, seals)
-        tx.field = tx.results.field(self.hostname)
+        tx.field = self._early_field(tx.results)
         headers.prepend_raw(tx.field)
         return None
+
+    def _early_field(self, results: AuthResults) -> bytes:
+        """results.field() at the header section, where all it can hold is spf=, dkim=none
+        and arc=none: kept by those (the SPF result is kept for its answers' TTL, and so
+        comes back for the next messages of a sender)."""
+        if results.dkim or results.dmarc is not None or (
+                results.arc is not None and results.arc is not _ARC_NONE):
+            return results.field(self.hostname)  # not the usual: built
+        key = (results.spf, results.dkim is None, results.arc is None)
+        found = self._early.get(key)
+        if found is None:
+            if len(self._early) >= _EARLY_FIELDS:
+                self._early.clear()  # a flood of senders: start again
+            found = self._early[key] = results.field(self.hostname)
+        return found
 
     def _fetch(self, tx: _Tx, name: str) -> None:
         if name in tx.lookups or name in tx.known:

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from operator import attrgetter, getitem
 from typing import Any
 
 import dkim as dkimpy
@@ -181,36 +180,35 @@ def _name_key(name: str) -> bytes | None:
     return key
 
 
-_FIELD_NAME, _FIELD_RAW = attrgetter("name"), attrgetter("raw")
-
-
 def splits_alike(section: bytes, fields: list[HeaderField]) -> bool:
     """Whether dkimpy's parse of section + CRLF gives HeaderSection's fields of section (each
     field its first line and its continuation lines), each split after its name (pairs()).
     Not where the two splits could differ, which parse_header then decides: a bare CR or LF
     (HeaderSection ends a line at either), a name dkimpy would not take (white space before
-    the colon, a character outside printable ASCII). The fields are read by C loops: a
-    Python loop over a section's fields cost more than the rest of the parse (equality:
-    tests/test_auth_dkim.py)."""
+    the colon, a character outside printable ASCII). Equality: tests/test_auth_dkim.py."""
     if section[-2:] != b"\r\n":
         return False
-    rest = section.replace(b"\r\n", b"")
-    if 13 in rest or 10 in rest:  # an int: bytes in bytes first fails to read one, at a cost
+    lines = section.count(b"\n")
+    if section.count(b"\r\n") != lines or section.count(b"\r") != lines:
         return False
-    names = list(map(_FIELD_NAME, fields))
-    if None in map(_NAME_KEYS.get, names) and None in map(_name_key, names):
-        return False
-    try:
+    keys = _NAME_KEYS
+    for f in fields:
+        name = f.name
         # the name HeaderSection read ends at the colon: no white space before it
-        colons = bytes(map(getitem, map(_FIELD_RAW, fields), map(len, names)))
-    except IndexError:  # no colon after it at all
-        return False
-    return not colons.strip(b":")
+        n = len(name)
+        if (name not in keys and _name_key(name) is None) or f.raw[n : n + 1] != b":":
+            return False
+    return True
 
 
 def pairs(fields: list[HeaderField]) -> list[list[bytes]]:
-    """dkimpy's [name, value] of each field (for a section that splits_alike)."""
-    return [[f.raw[:n], f.raw[n + 1 :]] for f in fields for n in (len(f.name),)]
+    """dkimpy's [name, value] of each field (for a section that splits alike)."""
+    out = []
+    for f in fields:  # a loop: a comprehension costs a function call more
+        raw = f.raw
+        n = len(f.name)
+        out.append([raw[:n], raw[n + 1 :]])
+    return out
 
 
 def select_headers(by_name: dict[bytes, list[Any]], include: Sequence[bytes]) -> list[Any]:
@@ -292,6 +290,15 @@ def relaxed_lines(headers: list[Any]) -> list[bytes]:
             value = b" ".join(value.split())
         out.append(name.lower().rstrip() + b":" + value + b"\r\n")
     return out
+
+
+def relaxed_plain_lines(headers: list[Any]) -> list[bytes]:
+    """relaxed_lines(headers) for fields whose white space is spaces, tabs and CRLFs, each
+    CRLF before a space or a tab or at the end (a section that splits alike, without \x0b
+    and \x0c), their names without white space: split() cuts at exactly the runs that
+    unfolding and compression make one space, and drops those at both ends, as strip()
+    (equality: tests/test_auth_dkim.py)."""
+    return [name.lower() + b":" + b" ".join(value.split()) + b"\r\n" for name, value in headers]
 
 
 def simple_lines(headers: list[Any]) -> list[bytes]:
@@ -507,6 +514,9 @@ class BodyHashes:
     __slots__ = ("_canons",)
 
     def __init__(self, hashes: list[BodyHash]) -> None:
+        if len(hashes) == 1:  # the usual one signature: its own pass, no grouping
+            self._canons = [BodyCanon(hashes[0].relaxed, hashes[0].update)]
+            return
         by_mode: dict[bool, list[BodyHash]] = {}
         for h in hashes:
             by_mode.setdefault(h.relaxed, []).append(h)
@@ -535,6 +545,7 @@ class Signature:
     body: BodyHash | None = None  # set when the field is usable
     header: tuple[bytes, bytes] = (b"", b"")  # the DKIM-Signature field (name, value)
     include: tuple[bytes, ...] = ()  # h=, lower case
+    names: tuple[str, ...] = ()  # the same as text (not ASCII: no field's name)
     relaxed_header: bool = False  # c= (else simple)
     b: bytes = b""  # b= without white space
 
@@ -559,12 +570,14 @@ def _domain(value: bytes) -> str:
 
 
 @lru_cache(maxsize=1024)
-def _include(h: bytes) -> tuple[bytes, ...]:
-    r"""dkimpy's h= list: re.split(rb"\s*:\s*", h.lower()) (kept: a signer lists the same
-    fields message after message)."""
+def _include(h: bytes) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    r"""dkimpy's h= list: re.split(rb"\s*:\s*", h.lower()), and its names as text
+    (HeaderSection's index keys; kept: a signer lists the same fields message after
+    message)."""
     h = h.lower()
     # without white space (the usual h=), the pattern splits at each colon
-    return tuple(h.split(b":") if len(h.split()) == 1 else _H_SPLIT.split(h))
+    names = tuple(h.split(b":") if len(h.split()) == 1 else _H_SPLIT.split(h))
+    return names, tuple(n.decode("ascii", "replace") for n in names)
 
 
 class Verifier:
@@ -582,10 +595,12 @@ class Verifier:
         # section that splits alike) the DKIM-Signature fields and those the signatures'
         # h= lists name, the only ones verification reads, looked up in the section's index
         self.by_name: dict[bytes, list[list[bytes]]] = {}
+        self.plain = False  # relaxed_plain_lines canonicalises its fields
         lookup = None
         if section is not None and splits_alike(header, section.fields):
             lookup = section.get_lower
             self.by_name[b"dkim-signature"] = pairs(lookup("dkim-signature"))
+            self.plain = 11 not in header and 12 not in header  # an int: see relaxed_lines
         else:
             try:  # dkimpy's DKIM(header + CRLF) parses the section so
                 self.by_name = by_lower_name(parse_header(header + b"\r\n"))
@@ -602,10 +617,9 @@ class Verifier:
             sig = self._parse(index, (name, value))
             self.signatures.append(sig)
             if lookup is not None:
-                for lname in sig.include:  # only a usable signature has them
-                    if lname not in self.by_name:
-                        # a name that is not ASCII is no field's (all are, to split alike)
-                        self.by_name[lname] = pairs(lookup(lname.decode("ascii", "replace")))
+                for lname, text in zip(sig.include, sig.names, strict=True):
+                    if lname not in self.by_name:  # (only a usable signature has names)
+                        self.by_name[lname] = pairs(lookup(text))
 
     def _parse(self, index: int, header: tuple[bytes, bytes]) -> Signature:
         """dkimpy's verify_headerprep(index) and its c= check, on the signature's field."""
@@ -616,7 +630,7 @@ class Verifier:
             except InvalidTagValueList as exc:
                 raise dkimpy.MessageFormatError(exc) from None
             b = _validate(fields)
-            include = _include(fields[b"h"])
+            include, names = _include(fields[b"h"])
             relaxed_header, relaxed_body = _canonicalization(fields.get(b"c", b"simple/simple"))
             length = fields.get(b"l")
             body = BodyHash(relaxed_body, HASH_ALGORITHMS[fields[b"a"]](),
@@ -632,6 +646,7 @@ class Verifier:
             return sig
         sig.fields = fields
         sig.include = include
+        sig.names = names
         sig.relaxed_header = relaxed_header
         sig.domain = _domain(fields[b"d"])
         sig.selector = _domain(fields[b"s"])
@@ -696,7 +711,8 @@ class Verifier:
         # bottom up); here the fields are picked first, and only those canonicalised: a
         # message's twenty Received fields need not be (canonicalisation works field by
         # field and keeps a parsed name's case-folded form, so the order does not matter)
-        canon = relaxed_lines if sig.relaxed_header else simple_lines
+        canon = (simple_lines if not sig.relaxed_header
+                 else relaxed_plain_lines if self.plain else relaxed_lines)
         signed = select_headers(self.by_name, include)
         signed.append((sig.header[0], strip_b(sig.header[1])))  # last, its b= blanked out
         lines = canon(signed)

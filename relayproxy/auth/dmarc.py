@@ -7,8 +7,11 @@ package (no download at run time).
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import re
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -16,7 +19,7 @@ import dns.asyncresolver
 from publicsuffixlist import PublicSuffixList
 
 from ..address import PathError, ascii_domain
-from .lookup import TempDNSError, cached_txt, txt
+from .lookup import TempDNSError, cached_txt_until, txt
 
 _PSL = PublicSuffixList()
 
@@ -88,26 +91,50 @@ async def find_record(resolver: dns.asyncresolver.Resolver, domain: str) -> Reco
     return None
 
 
+_RECORD_ENTRIES = 4096
+# (resolver, From domain) -> (expiry, record): cached_record's answer until the first TXT
+# answer it read expires; the From domains of most messages were seen a moment ago
+_records: OrderedDict[tuple[int, str], tuple[float, Record | None]] = OrderedDict()
+
+
 def cached_record(resolver: dns.asyncresolver.Resolver, domain: str
                   ) -> tuple[bool, Record | None]:
     """find_record from the resolver's cache alone: (known, record); known is False when an
     answer it needs is not in the cache."""
+    key = (id(resolver), domain)
+    memo = _records.get(key)
+    if memo is not None:
+        if memo[0] > time.time():
+            return True, memo[1]
+        del _records[key]
+    expires = math.inf
+    record = None
     for name, subdomain in ((domain, False), (org_domain(domain), True)):
         if subdomain and name == domain:
-            return True, None
-        records = cached_txt(resolver, f"_dmarc.{name}")
+            break
+        records, expiry = cached_txt_until(resolver, f"_dmarc.{name}")
         if records is None:
             return False, None
+        expires = min(expires, expiry)
         found = [r for r in records if r.lstrip().startswith(b"v=DMARC1")]
         if len(found) == 1:
-            return True, parse_record(found[0], subdomain, name)
+            record = parse_record(found[0], subdomain, name)
+            break
         if found:
-            return True, None
-    return True, None
+            break
+    _records[key] = (expires, record)
+    while len(_records) > _RECORD_ENTRIES:
+        _records.popitem(last=False)
+    return True, record
 
 
 _ATOMS = r"[^\s<>@,;:()\[\]\"\\]+"
 _SIMPLE_FROM = re.compile(rf"\s*(?:({_ATOMS}@{_ATOMS})|[\w .'-]*<({_ATOMS}@{_ATOMS})>)\s*\Z")
+
+
+_FROM_ENTRIES = 4096
+_from_domains: dict[str, str | None] = {}  # a From value -> its domain
+_UNKNOWN = object()
 
 
 def from_domain(values: list[str]) -> str | None:
@@ -115,13 +142,26 @@ def from_domain(values: list[str]) -> str | None:
     (RFC 7489 6.6.1: such a message cannot be evaluated)."""
     if len(values) != 1:
         return None
-    simple = _SIMPLE_FROM.match(values[0])
+    # kept: a sender writes the same From field message after message
+    value = values[0]
+    domain = _from_domains.get(value, _UNKNOWN)
+    if domain is not _UNKNOWN:
+        return domain  # type: ignore[return-value]  # the sentinel is not
+    domain = _domain_of(value)
+    if len(_from_domains) >= _FROM_ENTRIES:
+        _from_domains.clear()  # a flood of different values: start again
+    _from_domains[value] = domain
+    return domain
+
+
+def _domain_of(value: str) -> str | None:
+    simple = _SIMPLE_FROM.match(value)
     if simple is not None:
         # the usual forms (an address, or a plain display name and <address>): no parser
         # needed; anything else (comments, groups, quoting, several addresses) is parsed
         addresses = [simple.group(1) or simple.group(2)]
     else:
-        addresses = [a for _, a in email.utils.getaddresses(values) if a]
+        addresses = [a for _, a in email.utils.getaddresses([value]) if a]
     if len(addresses) != 1 or "@" not in addresses[0]:
         return None
     domain = addresses[0].rpartition("@")[2].strip().rstrip(".")

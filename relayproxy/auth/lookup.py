@@ -105,9 +105,31 @@ def _qname(name: str) -> dns.name.Name | None:
         return None
 
 
+_txt_memo: OrderedDict[tuple[int, str], tuple[float, list[bytes]]] = OrderedDict()
+
+
 def cached_txt(resolver: dns.asyncresolver.Resolver, name: str) -> list[bytes] | None:
-    """txt() from the cache; None when the cache does not know."""
-    found, answer = cached(resolver, name, "TXT")
+    """txt() from the cache; None when the cache does not know. The same list (not to be
+    changed) until the answer expires: the records of a signer's key and of a domain's
+    DMARC policy are read for every message."""
+    records, _expiry = cached_txt_until(resolver, name)
+    return records
+
+
+def cached_txt_until(resolver: dns.asyncresolver.Resolver, name: str
+                     ) -> tuple[list[bytes] | None, float]:
+    """cached_txt(), with the time (time.time()) until which the cache keeps the answer."""
+    key = (id(resolver), name)
+    memo = _txt_memo.get(key)
+    if memo is not None:
+        if memo[0] > time.time():
+            return memo[1], memo[0]
+        del _txt_memo[key]
+    found, answer, expiry = cached_until(resolver, name, "TXT")
     if not found:
-        return None
-    return [b"".join(r.strings) for r in answer] if answer is not None else []
+        return None, 0.0
+    records = [b"".join(r.strings) for r in answer] if answer is not None else []
+    _txt_memo[key] = (expiry, records)
+    while len(_txt_memo) > _MEMO_ENTRIES:
+        _txt_memo.popitem(last=False)
+    return records, expiry

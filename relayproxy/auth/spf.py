@@ -113,6 +113,12 @@ async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: st
                 helo: str, receiver: str, timeout: float) -> SPFResult:
     """The SPF result for sender (or, for the null sender, the HELO name) sending from
     client_ip; temperror when DNS fails or `timeout` seconds pass."""
+    # kept under the arguments as given too: the next message of a sender is then one look-up,
+    # without the domain's A-label form and the lower cases that the kept result is under
+    asked = (id(resolver), client_ip, sender, helo, receiver)
+    memo = _results.get(asked)
+    if memo is not None and memo[0] > time.time():
+        return memo[1]
     local, at, domain_part = sender.rpartition("@")
     identity_domain = domain_part if at else helo
     if identity_domain.startswith("[") or not identity_domain:
@@ -127,6 +133,7 @@ async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: st
     memo = _results.get(memo_key)
     if memo is not None:
         if memo[0] > time.time():
+            _remember(asked, memo[1], memo[0])
             return memo[1]
         del _results[memo_key]
     query = pyspf.query(client_ip, sender, helo, receiver=receiver, timeout=timeout)
@@ -146,6 +153,7 @@ async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: st
                     found = SPFResult(result, domain, identity,
                                       explanation if result == "fail" else "")
                     _remember(memo_key, found, answers.expires)
+                    _remember(asked, found, answers.expires)
                     return found
                 needed = list(dict.fromkeys(answers.missing))
                 fetched = await asyncio.gather(*(_fetch(resolver, k) for k in needed))
@@ -164,7 +172,8 @@ async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: st
 RESULT_ENTRIES = 10_000
 # (resolver, ip, sender, HELO, receiver) -> (expiry, result): a result is a function of these
 # and of the DNS answers it read, so it holds until the first of them expires (their TTL);
-# temperror is never kept. A sender seen a moment ago costs no evaluation.
+# temperror is never kept. A sender seen a moment ago costs no evaluation. The key's sender
+# and HELO are as looked up (lower case, the A-label form), or as given (check's `asked`).
 _results: OrderedDict[tuple[int, str, str, str, str], tuple[float, SPFResult]] = OrderedDict()
 
 
