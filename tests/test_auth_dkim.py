@@ -9,6 +9,7 @@ the chunks the body arrives in (Hypothesis draws the split points).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import socket
@@ -48,6 +49,7 @@ from relayproxy.auth.dkim import (
     select_headers,
     simple_lines,
     splits_alike,
+    strict_base64,
     strip_b,
     validate_signature_fields,
 )
@@ -321,6 +323,18 @@ def test_base64_test_equals_dkimpys_pattern(parts: list[bytes]) -> None:
     assert is_base64(value) == bool(re.match(rb"[\s0-9A-Za-z+/]+[\s=]*$", value))
 
 
+@settings(max_examples=3000, deadline=None)
+@given(parts=st.lists(st.sampled_from([*_B64_PIECES, b"AAAA", b"Zm9v", b"/+/+"]), max_size=10))
+def test_strict_base64_passes_only_what_dkimpys_test_passes(parts: list[bytes]) -> None:
+    value = b"".join(parts)
+    clean = b"".join(value.split())
+    assert clean == value.translate(None, b" \t\n\r\x0b\x0c")  # as dkimpy's re.sub(\s+)
+    decoded = strict_base64(clean)
+    if decoded is not None:
+        assert re.match(rb"[\s0-9A-Za-z+/]+[\s=]*$", value) and len(clean) % 4 == 0
+        assert decoded == base64.b64decode(re.sub(rb"\s+", b"", value))
+
+
 _H_PIECES = [b"from", b"To", b":", b" ", b"\t", b"\r\n ", b" : ", b"", b"x-A"]
 
 
@@ -395,10 +409,11 @@ def test_header_selection_equals_dkimpys(names: list[bytes], include: list[bytes
 
 
 _TAG_PIECES = [b"v=1", b";", b" ", b"=", b"a", b"b9", b"_x", b"9", b"\r\n ", b"\t", b"a=b=c",
-               b"a=1;a=2", b";;", b"bh=x", b"k1=v", b"x-y=1", b" =2"]
+               b"a=1;a=2", b";;", b"bh=x", b"k1=v", b"x-y=1", b" =2", b"\x0b", b"\r", b"\n",
+               b"d=x y", b"\xc3\xa9", b"h=a : b"]
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=3000, deadline=None)
 @given(parts=st.lists(st.sampled_from(_TAG_PIECES), max_size=12))
 def test_tag_value_parse_equals_dkimpys(parts: list[bytes]) -> None:
     value = b"".join(parts)

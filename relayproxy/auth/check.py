@@ -168,9 +168,9 @@ class AuthCheck(Check):
             if not tx.verifier.signatures:
                 tx.results.dkim = []  # known now, for every message size: dkim=none
         if cfg.dmarc.enabled:  # only DMARC reads the From domain
-            froms = [f.value for f in headers.get_lower("from")]
+            froms = headers.get_lower("from")
             tx.from_count = len(froms)
-            tx.from_domain = dmarcmod.from_domain(froms)
+            tx.from_domain = dmarcmod.from_field_domain(froms)
         if cfg.dmarc.enabled and tx.from_domain is not None:
             known, record = dmarcmod.cached_record(self.resolver, tx.from_domain)
             if known:
@@ -272,8 +272,10 @@ class AuthCheck(Check):
             tx.body.end()
         if tx.verifier is not None:
             results.dkim = tx.verifier.results(keys)
-            for word in [r.result for r in results.dkim] or ["none"]:
-                _count("dkim", word)
+            if not results.dkim:
+                _count("dkim", "none")
+            for r in results.dkim:
+                _count("dkim", r.result)
         if tx.chain is not None:
             results.arc = tx.chain.verify(keys)
         if results.arc is not None:  # a result, or none since the header section
@@ -392,11 +394,25 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+_EVALUATED = 4096
+# (record, From domain, SPF, DKIM...) -> the result: without a sample to draw (pct=100, or
+# no record) DMARC is a function of these, and the same ones come back message after message
+_evaluated: dict[tuple[Any, ...], dmarcmod.DMARCResult] = {}
+
+
 def _evaluate(results: AuthResults, domain: str, record: dmarcmod.Record | None
               ) -> dmarcmod.DMARCResult:
     spf = (results.spf.result, results.spf.domain) if results.spf else None
     dkim = [(r.result, r.domain) for r in results.dkim or []]
-    return dmarcmod.evaluate(record, domain, spf, dkim)
+    if record is not None and record.pct < 100:
+        return dmarcmod.evaluate(record, domain, spf, dkim)  # its own draw for each message
+    key = (record, domain, spf, *dkim)
+    found = _evaluated.get(key)
+    if found is None:
+        if len(_evaluated) >= _EVALUATED:
+            _evaluated.clear()  # a flood of domains: start again
+        found = _evaluated[key] = dmarcmod.evaluate(record, domain, spf, dkim)
+    return found
 
 
 def _tagged(results: AuthResults) -> list[str]:

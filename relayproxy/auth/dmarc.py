@@ -19,6 +19,7 @@ import dns.asyncresolver
 from publicsuffixlist import PublicSuffixList
 
 from ..address import PathError, ascii_domain
+from ..headers import HeaderField
 from .lookup import TempDNSError, cached_txt_until, txt
 
 _PSL = PublicSuffixList()
@@ -132,25 +133,32 @@ _ATOMS = r"[^\s<>@,;:()\[\]\"\\]+"
 _SIMPLE_FROM = re.compile(rf"\s*(?:({_ATOMS}@{_ATOMS})|[\w .'-]*<({_ATOMS}@{_ATOMS})>)\s*\Z")
 
 
-_FROM_ENTRIES = 4096
-_from_domains: dict[str, str | None] = {}  # a From value -> its domain
-_UNKNOWN = object()
-
-
 def from_domain(values: list[str]) -> str | None:
     """The RFC5322.From domain: exactly one From field with exactly one address, else None
     (RFC 7489 6.6.1: such a message cannot be evaluated)."""
     if len(values) != 1:
         return None
-    # kept: a sender writes the same From field message after message
-    value = values[0]
-    domain = _from_domains.get(value, _UNKNOWN)
+    return _domain_of(values[0])
+
+
+_FROM_ENTRIES = 4096
+_from_domains: dict[bytes, str | None] = {}  # a From field as written -> its domain
+_UNKNOWN = object()
+
+
+def from_field_domain(fields: list[HeaderField]) -> str | None:
+    """from_domain of the From fields' values; kept by the field as written (its value is a
+    function of it): a sender writes the same From field message after message."""
+    if len(fields) != 1:
+        return None
+    raw = fields[0].raw
+    domain = _from_domains.get(raw, _UNKNOWN)
     if domain is not _UNKNOWN:
         return domain  # type: ignore[return-value]  # the sentinel is not
-    domain = _domain_of(value)
+    domain = _domain_of(fields[0].value)
     if len(_from_domains) >= _FROM_ENTRIES:
-        _from_domains.clear()  # a flood of different values: start again
-    _from_domains[value] = domain
+        _from_domains.clear()  # a flood of different fields: start again
+    _from_domains[raw] = domain
     return domain
 
 
@@ -202,4 +210,4 @@ def evaluate(record: Record | None, domain: str, spf: tuple[str, str] | None,
 
 
 __all__ = ["DMARCResult", "Record", "TempDNSError", "aligned", "evaluate", "find_record",
-           "from_domain", "org_domain", "parse_record"]
+           "from_domain", "from_field_domain", "org_domain", "parse_record"]
