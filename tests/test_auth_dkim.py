@@ -21,6 +21,7 @@ import dkim
 import dkim.crypto
 import dns.exception
 import dns.resolver
+import gmpy2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -40,12 +41,14 @@ from relayproxy.auth.dkim import (
     _emsa_prefix,
     by_lower_name,
     is_base64,
+    octets_mpz,
     pairs,
     parse_header,
     parse_tag_value,
     relax_body,
     relaxed_lines,
     relaxed_plain_lines,
+    rsa_public,
     select_headers,
     simple_lines,
     splits_alike,
@@ -268,6 +271,19 @@ def test_gmp_rsa_operation_equals_dkimpys(m: int, e: int) -> None:
     message = m.to_bytes(256, "big")
     assert bytes(dkim.crypto.rsa_encrypt(message, key, 256)) == bytes(
         ORIGINAL_RSA_ENCRYPT(message, key, 256))
+
+
+@settings(max_examples=300, deadline=None)
+@given(m=st.integers(min_value=0, max_value=2**2100), n=st.integers(min_value=1, max_value=2**2048),
+       e=st.sampled_from([3, 17, 65537, 65539]))
+def test_rsa_public_operation_equals_pow(m: int, n: int, e: int) -> None:
+    assert rsa_public(gmpy2.mpz(m), e, gmpy2.mpz(n)) == pow(m, e, n)
+
+
+@settings(max_examples=300, deadline=None)
+@given(octets=st.binary(max_size=300))
+def test_octets_read_as_gmp_numbers_as_ints(octets: bytes) -> None:
+    assert octets_mpz(octets) == int.from_bytes(octets, "big")
 
 
 def test_key_server_that_never_answers_gives_temperror_like_dkimpys_timeout() -> None:

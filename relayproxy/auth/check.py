@@ -120,8 +120,11 @@ class AuthCheck(Check):
         tx = self._tx(envelope)
         if not self.config.spf.enabled:
             return None
-        result = await spfmod.check(self.resolver, session.client_ip, envelope.sender,
-                                    session.helo, self.hostname, self.config.timeout)
+        # a sender seen a moment ago: its kept result, without a coroutine
+        result = (spfmod.kept(self.resolver, session.client_ip, envelope.sender, session.helo,
+                              self.hostname)
+                  or await spfmod.check(self.resolver, session.client_ip, envelope.sender,
+                                        session.helo, self.hostname, self.config.timeout))
         tx.results.spf = result
         _count("spf", result.result)
         self._log(envelope, tx)
@@ -267,7 +270,9 @@ class AuthCheck(Check):
                      message: MessageInfo) -> Verdict | None:
         cfg = self.config
         results = tx.results
-        keys = await self._keys(tx)
+        # keys from the resolver's cache (the usual) need no wait
+        keys: dict[str, list[bytes] | None] = (await self._keys(tx) if tx.lookups
+                                                else dict(tx.known))
         if tx.body is not None:
             tx.body.end()
         if tx.verifier is not None:
@@ -280,7 +285,8 @@ class AuthCheck(Check):
             results.arc = tx.chain.verify(keys)
         if results.arc is not None:  # a result, or none since the header section
             _count("arc", results.arc.result)
-        verdict = await self._dmarc(session, tx)
+        verdict = (await self._dmarc(session, tx) if self._dmarc_pending(tx)
+                   else self._dmarc_verdict(session, tx))
         if results.dmarc is not None:
             _count("dmarc", results.dmarc.result)
         self._log(envelope, tx)
@@ -293,7 +299,27 @@ class AuthCheck(Check):
                 headers.prepend(cfg.tag_header, ", ".join(_tagged(results)))
         return verdict
 
+    def _dmarc_pending(self, tx: _Tx) -> bool:
+        """DMARC decides now, and its record did not come from the resolver's cache."""
+        return (self.config.dmarc.enabled and tx.from_domain is not None
+                and tx.results.dmarc is None and not tx.dmarc_known)
+
     async def _dmarc(self, session: SessionInfo, tx: _Tx) -> Verdict | None:
+        """_dmarc_verdict once the record (_dmarc_pending) is in."""
+        cfg = self.config
+        assert tx.dmarc_record is not None and tx.from_domain is not None
+        try:
+            async with asyncio.timeout(cfg.timeout):
+                record = await tx.dmarc_record
+        except (TempDNSError, TimeoutError):
+            tx.results.dmarc = dmarcmod.DMARCResult("temperror", tx.from_domain)
+            return self._act(cfg.dmarc.temperror, tx.results, "temperror",
+                             f"DMARC policy of {tx.from_domain} unavailable")
+        tx.dmarc_known, tx.dmarc_cached = True, record
+        return self._dmarc_verdict(session, tx)
+
+    def _dmarc_verdict(self, session: SessionInfo, tx: _Tx) -> Verdict | None:
+        """DMARC's verdict, its record at hand (tx.dmarc_cached) unless decided already."""
         cfg = self.config
         results = tx.results
         if not cfg.dmarc.enabled:
@@ -310,17 +336,7 @@ class AuthCheck(Check):
         # decided already when the header section left (its pct drawn once): that result
         result = results.dmarc
         if result is None:
-            record: dmarcmod.Record | None = tx.dmarc_cached
-            try:
-                if not tx.dmarc_known:
-                    assert tx.dmarc_record is not None
-                    async with asyncio.timeout(cfg.timeout):
-                        record = await tx.dmarc_record
-            except (TempDNSError, TimeoutError):
-                results.dmarc = dmarcmod.DMARCResult("temperror", tx.from_domain)
-                return self._act(cfg.dmarc.temperror, results, "temperror",
-                                 f"DMARC policy of {tx.from_domain} unavailable")
-            result = results.dmarc = _evaluate(results, tx.from_domain, record)
+            result = results.dmarc = _evaluate(results, tx.from_domain, tx.dmarc_cached)
         if result.result == "pass" or (result.result == "none"):
             if tx.spf_deferred and result.result == "none" and results.spf is not None:
                 # no policy after all (the From domain differs): SPF's own fail stands

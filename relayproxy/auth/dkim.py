@@ -123,10 +123,31 @@ def _public_key(record: bytes) -> tuple[Any, Any, Any, Any, tuple[int, Any, Any]
     pk, keysize, ktag, seqtlsrpt = dkimpy.evaluate_pk("key", record)
     rsa = None
     if ktag == b"rsa" and isinstance(pk, dict):
-        with contextlib.suppress(TypeError, KeyError, AttributeError):
+        with contextlib.suppress(TypeError, KeyError, AttributeError, ValueError):
             modulus, exponent = pk["modulus"], pk["publicExponent"]
-            rsa = (len(_int2str(modulus)), gmpy2.mpz(exponent), gmpy2.mpz(modulus))
+            if modulus > 0 and exponent > 0:
+                rsa = (len(_int2str(modulus)), int(exponent), gmpy2.mpz(modulus))
     return pk, keysize, ktag, seqtlsrpt, rsa
+
+
+def octets_mpz(octets: bytes) -> Any:
+    """int.from_bytes(octets, "big") as a GMP number, without the Python int between: gmpy2's
+    binary form is a type octet (1: mpz), a sign octet (1: not negative) and the magnitude,
+    least significant octet first (equality: tests/test_auth_dkim.py)."""
+    return gmpy2.from_binary(b"\x01\x01" + octets[::-1])
+
+
+def rsa_public(m: Any, exponent: int, modulus: Any) -> Any:
+    """pow(m, exponent, modulus) for GMP numbers (a positive modulus). The usual exponent,
+    65537 = 2**16 + 1, is sixteen squarings and a product: GMP's powmod first sets up a
+    Montgomery reduction, which costs more than it saves over so short an exponent
+    (equality: tests/test_auth_dkim.py)."""
+    if exponent != 65537:
+        return gmpy2.powmod(m, exponent, modulus)
+    x = m
+    for _ in range(16):
+        x = x * x % modulus
+    return x * m % modulus
 
 
 _NAME_OCTETS = bytes(range(0x21, 0x7F))
@@ -755,8 +776,8 @@ class Verifier:
                     # (the result is below the modulus), so equal numbers are equal octets
                     modlen, exponent, modulus = rsa
                     encoded = _emsa_prefix(hasher.name.lower(), modlen) + hasher.digest()
-                    res = int.from_bytes(encoded, "big") == gmpy2.powmod(
-                        int.from_bytes(signature, "big"), exponent, modulus)
+                    res = octets_mpz(encoded) == rsa_public(octets_mpz(signature), exponent,
+                                                            modulus)
                 if res and keysize < self.min_key_bits:
                     raise dkimpy.KeyFormatError(f"public key too small: {keysize}")
                 return res

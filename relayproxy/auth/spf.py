@@ -109,6 +109,15 @@ def _convert(key: _Key, answer: dns.resolver.Answer | None) -> _Answer:
     return found
 
 
+def kept(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: str, helo: str,
+         receiver: str) -> SPFResult | None:
+    """check()'s result kept under these very arguments (and not expired), else None."""
+    memo = _results.get((id(resolver), client_ip, sender, helo, receiver))
+    if memo is not None and memo[0] > time.time():
+        return memo[1]
+    return None
+
+
 async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: str,
                 helo: str, receiver: str, timeout: float) -> SPFResult:
     """The SPF result for sender (or, for the null sender, the HELO name) sending from
@@ -116,9 +125,9 @@ async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: st
     # kept under the arguments as given too: the next message of a sender is then one look-up,
     # without the domain's A-label form and the lower cases that the kept result is under
     asked = (id(resolver), client_ip, sender, helo, receiver)
-    memo = _results.get(asked)
-    if memo is not None and memo[0] > time.time():
-        return memo[1]
+    found = kept(resolver, client_ip, sender, helo, receiver)
+    if found is not None:
+        return found
     local, at, domain_part = sender.rpartition("@")
     identity_domain = domain_part if at else helo
     if identity_domain.startswith("[") or not identity_domain:
