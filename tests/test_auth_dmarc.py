@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.dns import DnsServer
 
+from relayproxy.auth import results as results_module
 from relayproxy.auth.dkim import DKIMResult
 from relayproxy.auth.dmarc import (
     Record,
@@ -180,3 +182,11 @@ def test_from_fast_path_agrees_with_the_email_parser(parts: list[str]) -> None:
         assert domain is None, value
     elif domain is not None:
         assert domain == addresses[0].rpartition("@")[2].strip().rstrip(".").lower(), value
+
+
+@settings(max_examples=1000, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from("aZ09+/=.-\"\\ é١"), max_size=10))
+def test_result_values_quoted_as_by_the_token_pattern(text: str) -> None:
+    token = re.match(r"^[!#$%&'*+.0-9A-Z^_`a-z{|}~@-]+$", text)
+    quoted = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    assert results_module._quoted(text) == (text if token else quoted)

@@ -63,6 +63,10 @@ _EARLY_FIELDS = 4096
 class _Tx:
     """One transaction's work in progress."""
 
+    __slots__ = ("body", "chain", "dmarc_cached", "dmarc_known", "dmarc_record", "field",
+                 "from_count", "from_domain", "known", "lookups", "results", "spf_deferred",
+                 "verifier")
+
     def __init__(self) -> None:
         self.results = AuthResults()
         self.spf_deferred = False  # SPF fail left to DMARC
@@ -70,7 +74,7 @@ class _Tx:
         self.chain: arcmod.Chain | None = None  # with an ARC-Seal
         self.body: BodyHashes | None = None  # the DKIM and ARC body hashes, streamed
         self.lookups: dict[str, asyncio.Task[list[bytes]]] = {}
-        self.known: dict[str, list[bytes]] = {}  # answered from the resolver's cache
+        self.known: dict[str, list[bytes] | None] = {}  # answered from the resolver's cache
         self.dmarc_record: asyncio.Task[dmarcmod.Record | None] | None = None
         self.dmarc_known = False  # the record came from the resolver's cache: dmarc_cached
         self.dmarc_cached: dmarcmod.Record | None = None
@@ -272,7 +276,7 @@ class AuthCheck(Check):
         results = tx.results
         # keys from the resolver's cache (the usual) need no wait
         keys: dict[str, list[bytes] | None] = (await self._keys(tx) if tx.lookups
-                                                else dict(tx.known))
+                                                else tx.known)  # (read, not changed)
         if tx.body is not None:
             tx.body.end()
         if tx.verifier is not None:
@@ -295,7 +299,7 @@ class AuthCheck(Check):
             new = results.field(self.hostname)
             headers.replace_prepended(tx.field, new)
             tx.field = new
-            if verdict is None and _tagged(results):
+            if verdict is None and results.notes and _tagged(results):
                 headers.prepend(cfg.tag_header, ", ".join(_tagged(results)))
         return verdict
 

@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -205,29 +205,42 @@ def _name_key(name: str) -> bytes | None:
     return key
 
 
-def splits_alike(section: bytes, fields: list[HeaderField]) -> bool:
-    """Whether dkimpy's parse of section + CRLF gives HeaderSection's fields of section (each
-    field its first line and its continuation lines), each split after its name (pairs()).
-    Not where the two splits could differ, which parse_header then decides: a bare CR or LF
-    (HeaderSection ends a line at either), a name dkimpy would not take (white space before
-    the colon, a character outside printable ASCII). Equality: tests/test_auth_dkim.py."""
+def split_named(section: bytes, fields: list[HeaderField], names: Collection[bytes]
+                ) -> dict[bytes, list[list[bytes]]] | None:
+    """by_lower_name(parse_header(section + CRLF)), for the (lower-case) names given only,
+    from HeaderSection's fields of section (each field its first line and its continuation
+    lines, split after its name as pairs() does). None where the two splits could differ,
+    which parse_header then decides: a bare CR or LF (HeaderSection ends a line at either),
+    a name dkimpy would not take (white space before the colon, a character outside
+    printable ASCII). One loop over the fields checks them all and splits those named
+    (equality: tests/test_auth_dkim.py)."""
     if section[-2:] != b"\r\n":
-        return False
+        return None
     rest = section.replace(b"\r\n", b"")
     if 13 in rest or 10 in rest:  # an int: bytes in bytes first fails to read one, at a cost
-        return False
+        return None
     keys = _NAME_KEYS
+    by_name: dict[bytes, list[list[bytes]]] = {}
     for f in fields:
         name = f.name
-        # the name HeaderSection read ends at the colon: no white space before it
+        key = keys.get(name) or _name_key(name)
+        raw = f.raw
         n = len(name)
-        if (name not in keys and _name_key(name) is None) or f.raw[n : n + 1] != b":":
-            return False
-    return True
+        # the name HeaderSection read ends at the colon: no white space before it
+        if key is None or raw[n : n + 1] != b":":
+            return None
+        if key in names:
+            pair = [raw[:n], raw[n + 1 :]]
+            found = by_name.get(key)
+            if found is None:
+                by_name[key] = [pair]
+            else:
+                found.append(pair)
+    return by_name
 
 
 def pairs(fields: list[HeaderField]) -> list[list[bytes]]:
-    """dkimpy's [name, value] of each field (for a section that splits alike)."""
+    """dkimpy's [name, value] of each field (for a section split_named splits)."""
     out = []
     for f in fields:  # a loop: a comprehension costs a function call more
         raw = f.raw
@@ -319,7 +332,7 @@ def relaxed_lines(headers: list[Any]) -> list[bytes]:
 
 def relaxed_plain_lines(headers: list[Any]) -> list[bytes]:
     """relaxed_lines(headers) for fields whose white space is spaces, tabs and CRLFs, each
-    CRLF before a space or a tab or at the end (a section that splits alike, without \x0b
+    CRLF before a space or a tab or at the end (a section split_named splits, without \x0b
     and \x0c), their names without white space: split() cuts at exactly the runs that
     unfolding and compression make one space, and drops those at both ends, as strip()
     (equality: tests/test_auth_dkim.py)."""
@@ -585,7 +598,6 @@ class Signature:
     body: BodyHash | None = None  # set when the field is usable
     header: tuple[bytes, bytes] = (b"", b"")  # the DKIM-Signature field (name, value)
     include: tuple[bytes, ...] = ()  # h=, lower case
-    names: tuple[str, ...] = ()  # the same as text (not ASCII: no field's name)
     relaxed_header: bool = False  # c= (else simple)
     b: bytes = b""  # b= without white space
     signature: bytes | None = None  # b= decoded, when strictly valid base64
@@ -611,14 +623,12 @@ def _domain(value: bytes) -> str:
 
 
 @lru_cache(maxsize=1024)
-def _include(h: bytes) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
-    r"""dkimpy's h= list: re.split(rb"\s*:\s*", h.lower()), and its names as text
-    (HeaderSection's index keys; kept: a signer lists the same fields message after
-    message)."""
+def _include(h: bytes) -> tuple[bytes, ...]:
+    r"""dkimpy's h= list: re.split(rb"\s*:\s*", h.lower()) (kept: a signer lists the same
+    fields message after message)."""
     h = h.lower()
     # without white space (the usual h=), the pattern splits at each colon
-    names = tuple(h.split(b":") if len(h.split()) == 1 else _H_SPLIT.split(h))
-    return names, tuple(n.decode("ascii", "replace") for n in names)
+    return tuple(h.split(b":") if len(h.split()) == 1 else _H_SPLIT.split(h))
 
 
 class Verifier:
@@ -633,34 +643,34 @@ class Verifier:
         self.min_key_bits = min_key_bits
         self.signatures: list[Signature] = []
         # the fields by lower-case name, as dkimpy splits them: all of them, or (from a
-        # section that splits alike) the DKIM-Signature fields and those the signatures'
-        # h= lists name, the only ones verification reads, looked up in the section's index
+        # section split alike) those the signatures' h= lists name, the only ones read
         self.by_name: dict[bytes, list[list[bytes]]] = {}
         self.plain = False  # relaxed_plain_lines canonicalises its fields
-        lookup = None
-        if section is not None and splits_alike(header, section.fields):
-            lookup = section.get_lower
-            self.by_name[b"dkim-signature"] = pairs(lookup("dkim-signature"))
-            self.plain = 11 not in header and 12 not in header  # an int: see relaxed_lines
-        else:
-            try:  # dkimpy's DKIM(header + CRLF) parses the section so
-                self.by_name = by_lower_name(parse_header(header + b"\r\n"))
-            except dkimpy.DKIMException as exc:
-                # the section itself is malformed: dkimpy would fail every signature
-                error = str(exc)
-                count = len(_SIGNATURE_START.findall(header))
-                self.signatures = [Signature(i, error=error)
-                                   for i in range(min(count, max_signatures))]
+        if section is not None:
+            # the signatures as the section has them, then whether dkimpy splits it alike
+            found = pairs(section.get_lower("dkim-signature"))
+            signatures = [self._parse(i, (found[i][0], found[i][1]))
+                          for i in range(min(len(found), max_signatures))]
+            names: Collection[bytes] = (signatures[0].include if len(signatures) == 1
+                                        else {n for sig in signatures for n in sig.include})
+            by_name = split_named(header, section.fields, names)
+            if by_name is not None:
+                self.signatures, self.by_name = signatures, by_name
+                self.plain = 11 not in header and 12 not in header  # an int: see relaxed_lines
                 return
+        try:  # dkimpy's DKIM(header + CRLF) parses the section so
+            self.by_name = by_lower_name(parse_header(header + b"\r\n"))
+        except dkimpy.DKIMException as exc:
+            # the section itself is malformed: dkimpy would fail every signature
+            error = str(exc)
+            count = len(_SIGNATURE_START.findall(header))
+            self.signatures = [Signature(i, error=error)
+                               for i in range(min(count, max_signatures))]
+            return
         found = self.by_name.get(b"dkim-signature", [])
         for index in range(min(len(found), max_signatures)):
             name, value = found[index]
-            sig = self._parse(index, (name, value))
-            self.signatures.append(sig)
-            if lookup is not None:
-                for lname, text in zip(sig.include, sig.names, strict=True):
-                    if lname not in self.by_name:  # (only a usable signature has names)
-                        self.by_name[lname] = pairs(lookup(text))
+            self.signatures.append(self._parse(index, (name, value)))
 
     def _parse(self, index: int, header: tuple[bytes, bytes]) -> Signature:
         """dkimpy's verify_headerprep(index) and its c= check, on the signature's field."""
@@ -671,7 +681,7 @@ class Verifier:
             except InvalidTagValueList as exc:
                 raise dkimpy.MessageFormatError(exc) from None
             b, signature = _validate(fields)
-            include, names = _include(fields[b"h"])
+            include = _include(fields[b"h"])
             relaxed_header, relaxed_body = _canonicalization(fields.get(b"c", b"simple/simple"))
             length = fields.get(b"l")
             body = BodyHash(relaxed_body, HASH_ALGORITHMS[fields[b"a"]](),
@@ -687,7 +697,6 @@ class Verifier:
             return sig
         sig.fields = fields
         sig.include = include
-        sig.names = names
         sig.relaxed_header = relaxed_header
         sig.domain = _domain(fields[b"d"])
         sig.selector = _domain(fields[b"s"])

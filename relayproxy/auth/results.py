@@ -28,11 +28,17 @@ def aar_authserv_id(value: str) -> str:
     return authserv_id(value.partition(";")[2])
 
 
-@lru_cache(maxsize=4096)
-def _value(text: str) -> str:
-    if _TOKEN.match(text):
+def _quoted(text: str) -> str:
+    # ASCII letters and digits are a token without the pattern (str.isalnum() alone takes
+    # any script's)
+    if (text.isascii() and text.isalnum()) or _TOKEN.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# domains and selectors come back message after message: kept (a message's own values, such
+# as header.b, are quoted without keeping them)
+_value = lru_cache(maxsize=4096)(_quoted)
 
 
 @dataclass(slots=True)
@@ -74,7 +80,7 @@ class AuthResults:
                 if r.selector:
                     clause += f" header.s={_value(r.selector)}"
                 if r.b:
-                    clause += f" header.b={_value(r.b)}"
+                    clause += f" header.b={_quoted(r.b)}"
                 out.append(clause)
         if self.arc is not None:
             clause = f"arc={self.arc.result}"
@@ -98,8 +104,10 @@ class AuthResults:
         out = {}
         if self.spf is not None:
             out["spf"] = self.spf.result
-        if self.dkim is not None:
-            out["dkim"] = ",".join(f"{r.result}:{r.domain}" for r in self.dkim) or "none"
+        dkim = self.dkim
+        if dkim is not None:
+            out["dkim"] = (f"{dkim[0].result}:{dkim[0].domain}" if len(dkim) == 1  # the usual
+                           else ",".join([f"{r.result}:{r.domain}" for r in dkim]) or "none")
         if self.dmarc is not None:
             out["dmarc"] = self.dmarc.result + (f":{self.dmarc.policy}"
                                                 if self.dmarc.result != "pass"
