@@ -674,7 +674,6 @@ class Verifier:
 
     def _parse(self, index: int, header: tuple[bytes, bytes]) -> Signature:
         """dkimpy's verify_headerprep(index) and its c= check, on the signature's field."""
-        sig = Signature(index, header=header)
         try:
             try:
                 fields = parse_tag_value(header[1])
@@ -689,24 +688,21 @@ class Verifier:
         except Exception as exc:  # the sender wrote this field
             # dkimpy's own errors, and anything else a malformed field trips: that signature
             # is a permerror, never an exception that tempfails the message at every retry
-            sig.error = str(exc) or type(exc).__name__
+            sig = Signature(index, header=header, error=str(exc) or type(exc).__name__)
             with contextlib.suppress(Exception):
                 parsed = parse_tag_value(header[1])
                 sig.domain = _domain(parsed.get(b"d", b""))
                 sig.selector = _domain(parsed.get(b"s", b""))
             return sig
-        sig.fields = fields
-        sig.include = include
-        sig.relaxed_header = relaxed_header
-        sig.domain = _domain(fields[b"d"])
-        sig.selector = _domain(fields[b"s"])
-        sig.body = body
-        sig.b = b
-        sig.signature = signature
-        return sig
+        # built whole (each attribute set afterwards cost as much again)
+        return Signature(index, fields, "", _domain(fields[b"d"]), _domain(fields[b"s"]), body,
+                         header, include, relaxed_header, b, signature)
 
     @property
     def key_names(self) -> list[str]:
+        if len(self.signatures) == 1:  # the usual
+            s = self.signatures[0]
+            return [s.key_name] if not s.error and s.domain and s.selector else []
         names = []
         for s in self.signatures:
             if not s.error and s.domain and s.selector:
