@@ -331,7 +331,7 @@ def relaxed_lines(headers: list[Any]) -> list[bytes]:
 
 
 def relaxed_plain_lines(headers: list[Any]) -> list[bytes]:
-    """relaxed_lines(headers) for fields whose white space is spaces, tabs and CRLFs, each
+    r"""relaxed_lines(headers) for fields whose white space is spaces, tabs and CRLFs, each
     CRLF before a space or a tab or at the end (a section split_named splits, without \x0b
     and \x0c), their names without white space: split() cuts at exactly the runs that
     unfolding and compression make one space, and drops those at both ends, as strip()
