@@ -5,6 +5,7 @@ Labels are bounded sets (outcome, source, command, reason); never addresses or d
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from itertools import product
 from typing import TYPE_CHECKING, Final
 
@@ -16,6 +17,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     import asyncio
@@ -58,6 +61,35 @@ SCANNER_ERROR_KINDS: Final = ("connect", "timeout", "protocol", "too_big")
 disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus-client
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+class PlainCounter(Collector):
+    """A labelled counter for a path taken for every message: each child is a plain number in
+    `values`, incremented in place (values[labels] += 1: no method call, no lock; the
+    increments and the scrapes all run on the event loop, see serve()), and exported as a
+    prometheus_client Counter of the same name, documentation and children is (equality:
+    tests/test_auth_config.py). Counter.inc cost four times as much."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
+                 children: Iterable[tuple[str, ...]], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.values: dict[tuple[str, ...], float] = dict.fromkeys(children, 0.0)
+        registry.register(self)
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self._family()
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        yield family
+
 
 CONNECTIONS = Counter(
     "relayproxy_connections", "Inbound connections accepted", registry=REGISTRY
@@ -145,11 +177,12 @@ CONFIG_RELOADS = Counter(
     ["result"],
     registry=REGISTRY,
 )
-AUTH_RESULTS = Counter(
+AUTH_RESULTS = PlainCounter(
     "relayproxy_auth_results",
     "Sender authentication results by method (spf, dkim, dmarc, arc) and RFC 8601 result",
-    ["method", "result"],
-    registry=REGISTRY,
+    ("method", "result"),
+    product(AUTH_METHODS, AUTH_RESULT_VALUES),  # every child from the start, as below
+    REGISTRY,
 )
 SCANNER_VERDICTS = Counter(
     "relayproxy_scanner_verdicts",
@@ -207,8 +240,6 @@ for _kind in DOWNSTREAM_ERROR_KINDS:
     DOWNSTREAM_ERRORS.labels(_kind)
 for _result in CONFIG_RELOAD_RESULTS:
     CONFIG_RELOADS.labels(_result)
-for _method, _value in product(AUTH_METHODS, AUTH_RESULT_VALUES):
-    AUTH_RESULTS.labels(_method, _value)
 for _scanner in SCANNERS:
     SCANNER_LATENCY.labels(_scanner)
     for _verdict in SCANNER_VERDICTS_SEEN:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import product
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from relayproxy import config as rpconfig
+from relayproxy import metrics
 from relayproxy.config import ConfigError
 
 
@@ -49,3 +52,21 @@ def test_errors_name_the_key(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         rpconfig.from_dict(data)
     assert str(info.value) == message
+
+
+def test_plain_counter_is_exported_as_prometheus_clients_counter() -> None:
+    # relayproxy_auth_results_total: a plain number per child, the same exposition
+    ours, theirs = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
+    children = list(product(metrics.AUTH_METHODS, metrics.AUTH_RESULT_VALUES))
+    plain = metrics.PlainCounter("x_auth_results", "results by method", ("method", "result"),
+                                 children, ours)
+    counter = Counter("x_auth_results", "results by method", ["method", "result"],
+                      registry=theirs)
+    for child in children:
+        counter.labels(*child)
+    assert generate_latest(ours) == generate_latest(theirs)
+    for child in [("spf", "pass"), ("dkim", "fail"), ("spf", "pass"), ("arc", "none")]:
+        plain.values[child] += 1
+        counter.labels(*child).inc()
+    assert generate_latest(ours) == generate_latest(theirs)
+    assert b'x_auth_results_total{method="spf",result="pass"} 2.0' in generate_latest(ours)
