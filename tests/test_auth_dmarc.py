@@ -14,7 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.dns import DnsServer
 
+from relayproxy.auth import check as check_module
 from relayproxy.auth import results as results_module
+from relayproxy.auth.arc import ARCResult
 from relayproxy.auth.dkim import DKIMResult
 from relayproxy.auth.dmarc import (
     Record,
@@ -23,14 +25,16 @@ from relayproxy.auth.dmarc import (
     evaluate,
     find_record,
     from_domain,
+    from_field_domain,
     org_domain,
     parse_record,
 )
 from relayproxy.auth.lookup import TempDNSError
 from relayproxy.auth.results import AuthResults, aar_authserv_id, authserv_id
 from relayproxy.auth.spf import SPFResult
-from relayproxy.config import DNSConfig, HostPort
+from relayproxy.config import AuthConfig, DNSConfig, HostPort
 from relayproxy.dns import make_resolver
+from relayproxy.headers import HeaderSection
 
 RECORDS = {
     "_dmarc.example.test": "v=DMARC1; p=reject; sp=quarantine; adkim=s",
@@ -190,3 +194,46 @@ def test_result_values_quoted_as_by_the_token_pattern(text: str) -> None:
     token = re.match(r"^[!#$%&'*+.0-9A-Z^_`a-z{|}~@-]+$", text)
     quoted = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     assert results_module._quoted(text) == (text if token else quoted)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(parts=st.lists(st.sampled_from(_FROM_PIECES), min_size=1, max_size=10))
+def test_from_field_domain_is_from_domain_of_its_value(parts: list[str]) -> None:
+    value = "".join(parts).replace("\\", "")
+    fields = HeaderSection.parse(f"From: {value}\r\n".encode()).fields
+    for _ in range(2):  # the second from what was kept
+        assert from_field_domain(fields) == from_domain([f.value for f in fields])
+
+
+_SPF = [None, SPFResult("pass", "a.example.test", "mailfrom"),
+        SPFResult("fail", "b.test", "helo", "no"), SPFResult("temperror", "example.test",
+                                                             "mailfrom")]
+_DKIM = [DKIMResult("pass", "example.test", "s"), DKIMResult("fail", "mail.example.test", "s"),
+         DKIMResult("temperror", "example.test", "s")]
+_RECORDS = [None, Record("reject", 100, False, False, "example.test"),
+            Record("quarantine", 100, True, True, "example.test")]
+
+
+@settings(max_examples=500, deadline=None)
+@given(spf=st.sampled_from(_SPF), dkim=st.lists(st.sampled_from(_DKIM), max_size=3),
+       record=st.sampled_from(_RECORDS), domain=st.sampled_from(["example.test", "x.test"]))
+def test_kept_dmarc_results_equal_evaluate(spf: SPFResult | None, dkim: list[DKIMResult],
+                                           record: Record | None, domain: str) -> None:
+    results = AuthResults(spf=spf, dkim=dkim)
+    theirs = evaluate(record, domain, (spf.result, spf.domain) if spf else None,
+                      [(r.result, r.domain) for r in dkim])
+    for _ in range(2):  # the second from what was kept
+        assert check_module._evaluate(results, domain, record) == theirs
+
+
+@settings(max_examples=300, deadline=None)
+@given(spf=st.sampled_from(_SPF), dkim=st.sampled_from([None, []]),
+       arc=st.sampled_from([None, check_module._ARC_NONE, ARCResult("none"),
+                            ARCResult("pass", "s.test", 1)]))
+def test_kept_header_section_fields_equal_the_built_ones(
+        spf: SPFResult | None, dkim: list[DKIMResult] | None, arc: ARCResult | None) -> None:
+    check = check_module.AuthCheck(AuthConfig(enabled=True), make_resolver(DNSConfig()),
+                                   "mx.test")
+    results = AuthResults(spf=spf, dkim=dkim, arc=arc)
+    for _ in range(2):  # the second from what was kept
+        assert check._early_field(results) == results.field("mx.test")
