@@ -22,7 +22,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import metrics
 from ..checks.base import (
@@ -37,7 +37,7 @@ from ..headers import HeaderSection
 from .dnsbl import Dnsbl, DnsblAnswer, DnsblZone, Listing
 from .geo import CountryDB
 from .mime import MimeScanner
-from .regex import fold
+from .regex import fold, rare_char
 from .rules import Facts, Rule, RuleSet, Stage
 from .verdict import Action, Verdict
 
@@ -72,11 +72,19 @@ class Evaluation:
     score: float = 0.0
 
 
-@dataclass(slots=True)
+# The per-session and per-transaction state below is made for every message: plain classes
+# with slots, their containers written as literals. A dataclass's default_factory calls cost
+# three times as much (10k instructions for _SessionState alone), per message.
+
+
 class _Scores:
-    score: float = 0.0
-    names: list[str] = field(default_factory=list)
-    monitor_score: float = 0.0
+    __slots__ = ("monitor_score", "names", "score")
+
+    def __init__(self, score: float = 0.0, names: list[str] | None = None,
+                 monitor_score: float = 0.0) -> None:
+        self.score = score
+        self.names: list[str] = [] if names is None else names
+        self.monitor_score = monitor_score
 
     def add(self, rule: Rule, monitor: bool) -> None:
         if monitor:
@@ -89,35 +97,44 @@ class _Scores:
         return _Scores(self.score, list(self.names), self.monitor_score)
 
 
-@dataclass(slots=True)
 class _SessionState:
-    dnsbl: dict[DnsblZone, asyncio.Future[DnsblAnswer]] = field(default_factory=dict)
-    country: str | None = None
-    rdns: str | None = None
-    rdns_known: bool = False
-    accepted: bool = False
-    connect: _Scores = field(default_factory=_Scores)
-    helo: _Scores = field(default_factory=_Scores)  # reset at each HELO/EHLO
-    pending: Verdict | None = None  # deferred from connect
-    helo_pending: Verdict | None = None
-    hits: list[str] = field(default_factory=list)
-    helo_hits: list[str] = field(default_factory=list)
-    headers: list[bytes] = field(default_factory=list)  # add_header from connect
-    helo_headers: list[bytes] = field(default_factory=list)  # ... from the last HELO
-    trace: list[Evaluation] | None = None
-    facts: Facts | None = None  # one per session, its transaction part reset by _tx
+    __slots__ = ("accepted", "connect", "country", "dnsbl", "facts", "headers", "helo",
+                 "helo_headers", "helo_hits", "helo_pending", "hits", "pending", "rdns",
+                 "rdns_known", "trace")
+
+    def __init__(self, trace: list[Evaluation] | None = None) -> None:
+        self.dnsbl: dict[DnsblZone, asyncio.Future[DnsblAnswer]] = {}
+        self.country: str | None = None
+        self.rdns: str | None = None
+        self.rdns_known = False
+        self.accepted = False
+        self.connect = _Scores()
+        self.helo = _Scores()  # reset at each HELO/EHLO
+        self.pending: Verdict | None = None  # deferred from connect
+        self.helo_pending: Verdict | None = None
+        self.hits: list[str] = []
+        self.helo_hits: list[str] = []
+        self.headers: list[bytes] = []  # add_header from connect
+        self.helo_headers: list[bytes] = []  # ... from the last HELO
+        self.trace = trace
+        self.facts: Facts | None = None  # one per session, its transaction part reset by _tx
 
 
-@dataclass(slots=True)
 class _TxState:
-    scores: _Scores
-    accepted: bool = False
-    pending: Verdict | None = None  # deferred from connect, helo or mail
-    hits: list[str] = field(default_factory=list)
-    headers: list[bytes] = field(default_factory=list)
-    mime: MimeScanner | None = None
-    literals: _Literals | None = None  # the body rules' literals, looked for as text streams
-    logged: tuple[int, float, float] = (0, 0.0, 0.0)  # what _log last wrote
+    __slots__ = ("accepted", "headers", "hits", "literals", "logged", "mime", "pending",
+                 "scores")
+
+    def __init__(self, scores: _Scores, pending: Verdict | None = None,
+                 hits: list[str] | None = None, headers: list[bytes] | None = None) -> None:
+        self.scores = scores
+        self.accepted = False
+        self.pending = pending  # deferred from connect, helo or mail
+        self.hits: list[str] = [] if hits is None else hits
+        self.headers: list[bytes] = [] if headers is None else headers
+        self.mime: MimeScanner | None = None
+        # the body rules' literals, looked for as text streams
+        self.literals: _Literals | None = None
+        self.logged: tuple[int, float, float] = (0, 0.0, 0.0)  # what _log last wrote
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,36 +207,57 @@ class _Literals:
     that the prefilter needs no folded copy of the whole text (rules.body_scan_bytes per
     message). Folding goes character by character (regex.fold), so the pieces folded one by
     one give what the whole would; the last characters of each are kept for a literal that
-    spans two pieces."""
+    spans two pieces. An ASCII piece is folded only when it may hold a literal: when it has
+    some literal's rare character (regex.rare_char) in either case."""
 
-    __slots__ = ("found", "keep", "left", "tail")
+    __slots__ = ("found", "keep", "left", "probes", "tail")
 
-    def __init__(self, literals: tuple[str, ...], keep: int) -> None:
+    def __init__(self, literals: tuple[str, ...], keep: int,
+                 probes: dict[str, tuple[str, str]] | None = None) -> None:
         self.left = literals  # not found yet
         self.found: tuple[str, ...] = ()
         self.keep = keep  # the longest literal's length, less one
         self.tail = ""
+        # each literal's rare character in both cases (RulesCheck computes them once)
+        self.probes = probes if probes is not None else probe_table(literals)
 
     def feed(self, piece: str) -> None:
         left = self.left
         if not left:
             return
-        folded = fold(piece)
         keep = self.keep
-        edge = self.tail + folded[:keep] if keep else ""
+        folded: str | None
+        if piece.isascii():
+            probes = self.probes
+            inside = tuple(lit for lit in left
+                           if probes[lit][0] in piece or probes[lit][1] in piece)
+            folded = fold(piece) if inside else None
+            head = folded[:keep] if folded is not None else piece[:keep].lower()
+        else:
+            inside, folded = left, fold(piece)
+            head = folded[:keep]
+        edge = self.tail + head if keep else ""
         for literal in left:
-            if literal in folded or literal in edge:
-                found = tuple(lit for lit in left if lit in folded or lit in edge)
+            if literal in edge or (folded is not None and literal in inside
+                                   and literal in folded):
+                found = tuple(lit for lit in left if lit in edge or (
+                    folded is not None and lit in inside and lit in folded))
                 self.found += found
                 self.left = tuple(lit for lit in left if lit not in found)
                 break
         if keep:
-            self.tail = (folded if len(folded) >= keep else self.tail + folded)[-keep:]
+            end = folded if folded is not None else piece[-keep:].lower()
+            self.tail = (end if len(end) >= keep else self.tail + end)[-keep:]
 
     def seen(self) -> dict[str, bool]:
         seen = dict.fromkeys(self.left, False)
         seen.update(dict.fromkeys(self.found, True))
         return seen
+
+
+def probe_table(literals: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """Each literal's rare character in both cases, for _Literals."""
+    return {lit: (c, c.upper()) for lit in literals for c in (rare_char(lit),)}
 
 
 class _Body(BodyObserver):
@@ -270,6 +308,7 @@ class RulesCheck(Check):
         self.body_literals = tuple(lit for lit, _ in self.plans[Stage.DATA].body
                                    if "\n" not in lit)
         self.literal_keep = max(map(len, self.body_literals), default=1) - 1
+        self.literal_probes = probe_table(self.body_literals)
         # the decoded text only for body conditions: attachments need just the part headers
         self.text_budget = settings.body_scan_bytes if any(
             r.reads_text for r in self.by_stage[Stage.DATA]) else 0
@@ -600,7 +639,8 @@ class RulesCheck(Check):
         if self.reads_body:
             ctype = headers.get_lower("content-type")
             cte = headers.get_lower("content-transfer-encoding")
-            finder = tx.literals = (_Literals(self.body_literals, self.literal_keep)
+            finder = tx.literals = (_Literals(self.body_literals, self.literal_keep,
+                                              self.literal_probes)
                                     if self.body_literals and self.text_budget else None)
             tx.mime = MimeScanner(ctype[0].value if ctype else None,
                                   cte[0].value if cte else None, self.text_budget,
