@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import math
 from dataclasses import dataclass
 
 from .. import metrics
@@ -303,6 +304,13 @@ class RulesCheck(Check):
         self.needs_rdns = any(r.needs_rdns for r in ruleset.rules)
         self.needs_country = any(r.needs_country for r in ruleset.rules)
         self.reads_body = any(r.reads_body for r in self.by_stage[Stage.DATA])
+        # the parts' names and types are listed for the end of data only if a rule reads them
+        keys = [c.key for r in self.by_stage[Stage.DATA] for c in r.conditions]
+        self.reads_names = any(k.endswith("attachment_name") for k in keys)
+        self.reads_types = any(k.endswith("attachment_type") for k in keys)
+        # the least score that refuses: below it (most transactions) no _threshold call
+        self.refusing = min((x for x in (settings.reject_score, settings.tempfail_score) if x),
+                            default=math.inf)
         # the literals the body prefilter looks for, looked for as the text streams (one
         # with a line break could span the break between two parts: left to the prefilter)
         self.body_literals = tuple(lit for lit, _ in self.plans[Stage.DATA].body
@@ -511,7 +519,8 @@ class RulesCheck(Check):
         return s.accepted or (tx is not None and tx.accepted)
 
     def _threshold(self, scores: _Scores, stage: Stage, *more: _Scores) -> Verdict | None:
-        """The refusal the scores (added up) call for, if any."""
+        """The refusal the scores (added up) call for, if any. The stages call it only for
+        a total of at least self.refusing: below that it has nothing to say."""
         st = self.settings
         score = scores.score
         for m in more:
@@ -547,7 +556,8 @@ class RulesCheck(Check):
         verdict, accept = self._run(_CONNECT, rules, facts, s, s.connect, s.hits,
                                     s.headers)
         accepted = accept is not None and self._accept(accept, s, None)
-        verdict = verdict or (None if accepted else self._threshold(s.connect, _CONNECT))
+        if verdict is None and not accepted and s.connect.score >= self.refusing:
+            verdict = self._threshold(s.connect, _CONNECT)
         if verdict is not None and verdict.defer:
             s.pending = _at_rcpt(verdict)
             return None
@@ -566,7 +576,8 @@ class RulesCheck(Check):
                  if self._must_wait(session, s, _HELO) else self._facts(session, s))
         verdict, accept = self._run(_HELO, rules, facts, s, s.helo, s.helo_hits,
                                     s.helo_headers)
-        if verdict is None and not (accept is not None and self._accept(accept, s, None)):
+        if verdict is None and not (accept is not None and self._accept(accept, s, None)) \
+                and s.connect.score + s.helo.score >= self.refusing:
             verdict = self._threshold(s.connect, _HELO, s.helo)
         if verdict is not None and verdict.defer:
             s.helo_pending = _at_rcpt(verdict)
@@ -587,7 +598,8 @@ class RulesCheck(Check):
         verdict, accept = self._run(_MAIL, rules, facts, s, tx.scores, tx.hits,
                                     tx.headers)
         accepted = accept is not None and self._accept(accept, s, tx)
-        verdict = verdict or (None if accepted else self._threshold(tx.scores, _MAIL))
+        if verdict is None and not accepted and tx.scores.score >= self.refusing:
+            verdict = self._threshold(tx.scores, _MAIL)
         self._log(envelope, tx)
         if verdict is not None and verdict.defer:
             tx.pending = tx.pending or _at_rcpt(verdict)
@@ -623,7 +635,8 @@ class RulesCheck(Check):
         added: list[bytes] = []
         verdict, accept = self._run(_RCPT, rules, facts, s, scores, hits, added)
         accepted = accept is not None and self._accept(accept, s, tx)
-        verdict = verdict or (None if accepted else self._threshold(scores, _RCPT))
+        if verdict is None and not accepted and scores.score >= self.refusing:
+            verdict = self._threshold(scores, _RCPT)
         tx.headers += [h for h in added if h not in tx.headers]  # once, however many match
         tx.hits += [h for h in hits if h not in tx.hits]
         if verdict is None or self._exempt(recipient):
@@ -653,8 +666,8 @@ class RulesCheck(Check):
             verdict, accept = self._run(_HEADERS, rules, facts, s, tx.scores,
                                         tx.hits, tx.headers)
             accepted = accept is not None and self._accept(accept, s, tx)
-            verdict = verdict or (None if accepted else
-                                  self._threshold(tx.scores, _HEADERS))
+            if verdict is None and not accepted and tx.scores.score >= self.refusing:
+                verdict = self._threshold(tx.scores, _HEADERS)
             self._log(envelope, tx)
         for header in reversed(tx.headers):
             headers.prepend_raw(header)
@@ -698,14 +711,17 @@ class RulesCheck(Check):
             facts.body = mime.text
             if tx.literals is not None:
                 facts.body_seen = tx.literals.seen()
-            facts.attachments = [(name, p.content_type) for p in mime.attachments
-                                 for name in (p.names or ("",))]
-            facts.part_types = [p.content_type for p in mime.parts]
+            if self.reads_names:
+                facts.attachments = [(name, p.content_type) for p in mime.attachments
+                                     for name in (p.names or ("",))]
+            if self.reads_types:
+                facts.part_types = [p.content_type for p in mime.parts]
         added: list[bytes] = []
         verdict, accept = self._run(_DATA, rules, facts, s, tx.scores, tx.hits, added)
         facts.forget_transaction()
         accepted = accept is not None and self._accept(accept, s, tx)
-        verdict = verdict or (None if accepted else self._threshold(tx.scores, _DATA))
+        if verdict is None and not accepted and tx.scores.score >= self.refusing:
+            verdict = self._threshold(tx.scores, _DATA)
         if verdict is None and added and message.headers is not None:
             if message.headers_sent:
                 log.info("session %s: add_header too late for a message larger than "
