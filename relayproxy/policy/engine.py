@@ -394,7 +394,8 @@ class RulesCheck(Check):
 
     def _must_wait(self, session: SessionInfo, s: _SessionState, stage: Stage) -> bool:
         """Do the stage's rules wait for a DNS fact? Not for a reverse name when reverse DNS
-        is off (it is unknown then): no coroutine, no timer for that."""
+        is off (it is unknown then): no coroutine, no timer for that. (The stages look at
+        self.waits first: most have nothing to wait for, and a method call costs.)"""
         if not self.waits[stage]:
             return False
         if self.stage_zones[stage]:
@@ -552,7 +553,8 @@ class RulesCheck(Check):
         if not rules:
             return None
         facts = (await self._stage_facts(session, s, _CONNECT)
-                 if self._must_wait(session, s, _CONNECT) else self._facts(session, s))
+                 if self.waits[_CONNECT] and self._must_wait(session, s, _CONNECT)
+                 else self._facts(session, s))
         verdict, accept = self._run(_CONNECT, rules, facts, s, s.connect, s.hits,
                                     s.headers)
         accepted = accept is not None and self._accept(accept, s, None)
@@ -573,7 +575,8 @@ class RulesCheck(Check):
         if s.accepted or not rules:
             return None
         facts = (await self._stage_facts(session, s, _HELO)
-                 if self._must_wait(session, s, _HELO) else self._facts(session, s))
+                 if self.waits[_HELO] and self._must_wait(session, s, _HELO)
+                 else self._facts(session, s))
         verdict, accept = self._run(_HELO, rules, facts, s, s.helo, s.helo_hits,
                                     s.helo_headers)
         if verdict is None and not (accept is not None and self._accept(accept, s, None)) \
@@ -592,7 +595,8 @@ class RulesCheck(Check):
             self._log(envelope, tx)
             return None
         facts = (await self._stage_facts(session, s, _MAIL)
-                 if self._must_wait(session, s, _MAIL) else self._facts(session, s))
+                 if self.waits[_MAIL] and self._must_wait(session, s, _MAIL)
+                 else self._facts(session, s))
         facts.sender = envelope.sender
         facts.auth = envelope.facts.get("auth")
         verdict, accept = self._run(_MAIL, rules, facts, s, tx.scores, tx.hits,
@@ -626,7 +630,8 @@ class RulesCheck(Check):
         if not rules:
             return None
         facts = (await self._stage_facts(session, s, _RCPT)
-                 if self._must_wait(session, s, _RCPT) else self._facts(session, s))
+                 if self.waits[_RCPT] and self._must_wait(session, s, _RCPT)
+                 else self._facts(session, s))
         facts.sender, facts.recipient = envelope.sender, recipient
         facts.auth = envelope.facts.get("auth")
         facts.recipients = envelope.recipients
@@ -661,7 +666,8 @@ class RulesCheck(Check):
         rules = self.by_stage[_HEADERS]
         if rules and not (s.accepted or tx.accepted or tx.pending):
             facts = (await self._stage_facts(session, s, _HEADERS)
-                     if self._must_wait(session, s, _HEADERS) else self._facts(session, s))
+                     if self.waits[_HEADERS] and self._must_wait(session, s, _HEADERS)
+                     else self._facts(session, s))
             self._envelope_facts(facts, envelope, headers)
             verdict, accept = self._run(_HEADERS, rules, facts, s, tx.scores,
                                         tx.hits, tx.headers)
@@ -702,7 +708,8 @@ class RulesCheck(Check):
         if not rules or s.accepted or tx.accepted or tx.pending:
             return None
         facts = (await self._stage_facts(session, s, _DATA)
-                 if self._must_wait(session, s, _DATA) else self._facts(session, s))
+                 if self.waits[_DATA] and self._must_wait(session, s, _DATA)
+                 else self._facts(session, s))
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
         facts.scans = envelope.facts  # the scanners' results: their observers ended first
