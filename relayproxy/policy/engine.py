@@ -339,6 +339,9 @@ class RulesCheck(Check):
 
     # state
 
+    # The stages look their state up first (session.facts.get(_KEY) or self._session(...)):
+    # it exists but at connect and at a transaction's first stage, and a call costs.
+
     def _session(self, session: SessionInfo) -> _SessionState:
         state = session.facts.get(_KEY)
         if state is None:
@@ -566,7 +569,7 @@ class RulesCheck(Check):
         return verdict
 
     async def on_helo(self, session: SessionInfo) -> Verdict | None:
-        s = self._session(session)
+        s: _SessionState = session.facts.get(_KEY) or self._session(session)
         # a new HELO starts over: what the last one's rules said is forgotten
         if s.helo_hits or s.helo_pending or s.helo_headers or s.helo.names or \
                 s.helo.monitor_score:  # the first HELO finds them empty: no new objects
@@ -588,11 +591,12 @@ class RulesCheck(Check):
         return verdict
 
     async def on_mail(self, session: SessionInfo, envelope: Envelope) -> Verdict | None:
-        s = self._session(session)
-        tx = self._tx(session, envelope)
+        s: _SessionState = session.facts.get(_KEY) or self._session(session)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(session, envelope)
         rules = self.by_stage[_MAIL]
         if s.accepted or not rules:
-            self._log(envelope, tx)
+            if tx.hits:  # else nothing to log: a score comes with a hit
+                self._log(envelope, tx)
             return None
         facts = (await self._stage_facts(session, s, _MAIL)
                  if self.waits[_MAIL] and self._must_wait(session, s, _MAIL)
@@ -604,7 +608,8 @@ class RulesCheck(Check):
         accepted = accept is not None and self._accept(accept, s, tx)
         if verdict is None and not accepted and tx.scores.score >= self.refusing:
             verdict = self._threshold(tx.scores, _MAIL)
-        self._log(envelope, tx)
+        if tx.hits:  # else nothing to log: a score comes with a hit
+            self._log(envelope, tx)
         if verdict is not None and verdict.defer:
             tx.pending = tx.pending or _at_rcpt(verdict)
             return None
@@ -618,8 +623,8 @@ class RulesCheck(Check):
     async def on_rcpt(
         self, session: SessionInfo, envelope: Envelope, recipient: str
     ) -> Verdict | None:
-        s = self._session(session)
-        tx = self._tx(session, envelope)
+        s: _SessionState = session.facts.get(_KEY) or self._session(session)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(session, envelope)
         # a refusal decided before RCPT stands whatever a later accept says: deferring it must
         # not change the outcome (a forged sender must not undo a DNSBL listing)
         if tx.pending is not None and not self._exempt(recipient):
@@ -651,8 +656,8 @@ class RulesCheck(Check):
     async def on_headers(
         self, session: SessionInfo, envelope: Envelope, headers: HeaderSection
     ) -> Verdict | None:
-        s = self._session(session)
-        tx = self._tx(session, envelope)
+        s: _SessionState = session.facts.get(_KEY) or self._session(session)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(session, envelope)
         verdict = None
         if self.reads_body:
             ctype = headers.get_lower("content-type")
@@ -674,7 +679,8 @@ class RulesCheck(Check):
             accepted = accept is not None and self._accept(accept, s, tx)
             if verdict is None and not accepted and tx.scores.score >= self.refusing:
                 verdict = self._threshold(tx.scores, _HEADERS)
-            self._log(envelope, tx)
+            if tx.hits:  # else nothing to log: a score comes with a hit
+                self._log(envelope, tx)
         for header in reversed(tx.headers):
             headers.prepend_raw(header)
         tx.headers.clear()
@@ -697,8 +703,8 @@ class RulesCheck(Check):
     async def on_data_end(
         self, session: SessionInfo, envelope: Envelope, message: MessageInfo
     ) -> Verdict | None:
-        s = self._session(session)
-        tx = self._tx(session, envelope)
+        s: _SessionState = session.facts.get(_KEY) or self._session(session)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(session, envelope)
         # the scanner is read once, here: its text (up to rules.body_scan_bytes) need not
         # live as long as the transaction (until the next MAIL, on a busy connection)
         mime, tx.mime = tx.mime, None
@@ -736,7 +742,8 @@ class RulesCheck(Check):
             else:
                 for header in reversed(added):
                     message.headers.prepend_raw(header)
-        self._log(envelope, tx)
+        if tx.hits:  # else nothing to log: a score comes with a hit
+            self._log(envelope, tx)
         return verdict
 
     def _log(self, envelope: Envelope, tx: _TxState) -> None:
