@@ -359,9 +359,11 @@ class MimeScanner:
             self._in_headers, self._text = False, None
             self._frames.clear()
             return
-        mtype, params = _content_type(content_type, default)
-        disp, dparams = _content_disposition(disposition)
-        cte = (transfer_encoding or "").strip().lower()
+        # (absent fields, as in most plain messages, need no parsing call)
+        mtype, params = (default, {}) if content_type is None else \
+            _content_type(content_type, default)
+        disp, dparams = ("", {}) if disposition is None else _content_disposition(disposition)
+        cte = transfer_encoding.strip().lower() if transfer_encoding else ""
         self._in_headers, self._bol = False, True
         if opaque:
             mtype = "application/octet-stream"
@@ -589,7 +591,7 @@ class _Text:
                  on_text: Callable[[str], None] | None = None) -> None:
         self.on_text = on_text
         self.transfer = transfer
-        self.codec = _codec(charset)
+        self.codec = "utf-8" if charset is None else _codec(charset)  # None: no call
         # UTF-8, the usual codec, is decoded by the C function itself, its unfinished
         # sequence kept here: what codecs' Python-level incremental decoder does around it
         # cost as much as the decoding of a 4 KB part
