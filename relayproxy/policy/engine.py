@@ -149,6 +149,7 @@ class _Plan:
     body: tuple[tuple[str, tuple[int, ...]], ...]
     header: tuple[tuple[str, tuple[int, ...]], ...]
     fields: tuple[str, ...]  # lower-case names
+    gated: bool  # some rule has a gate (body or header)
 
     @classmethod
     def of(cls, rules: tuple[Rule, ...]) -> _Plan:
@@ -168,7 +169,8 @@ class _Plan:
         return cls(rules, tuple(gates),
                    tuple(r for r, g in zip(rules, gates, strict=True) if g < 0),
                    tuple((lit, tuple(g)) for lit, g in body.items()),
-                   tuple((lit, tuple(g)) for lit, g in header.items()), tuple(fields))
+                   tuple((lit, tuple(g)) for lit, g in header.items()), tuple(fields),
+                   bool(body or header))
 
     def candidates(self, facts: Facts) -> tuple[Rule, ...] | list[Rule]:
         """The rules that may hit: a gated rule whose text holds none of its literals is
@@ -228,16 +230,20 @@ class _Literals:
             return
         keep = self.keep
         folded: str | None
+        inside: tuple[str, ...] = ()
         if piece.isascii():
             probes = self.probes
-            inside = tuple(lit for lit in left
-                           if probes[lit][0] in piece or probes[lit][1] in piece)
+            for lit in left:
+                low, up = probes[lit]
+                if low in piece or up in piece:
+                    inside += (lit,)
             folded = fold(piece) if inside else None
-            head = folded[:keep] if folded is not None else piece[:keep].lower()
         else:
             inside, folded = left, fold(piece)
-            head = folded[:keep]
-        edge = self.tail + head if keep else ""
+        # (the first piece has nothing before it: a literal in its head is in the piece)
+        tail = self.tail
+        edge = tail + (folded[:keep] if folded is not None else piece[:keep].lower()) \
+            if tail else ""
         for literal in left:
             if literal in edge or (folded is not None and literal in inside
                                    and literal in folded):
@@ -308,6 +314,7 @@ class RulesCheck(Check):
         keys = [c.key for r in self.by_stage[Stage.DATA] for c in r.conditions]
         self.reads_names = any(k.endswith("attachment_name") for k in keys)
         self.reads_types = any(k.endswith("attachment_type") for k in keys)
+        self.monitor_all = settings.mode == "monitor"
         # the least score that refuses: below it (most transactions) no _threshold call
         self.refusing = min((x for x in (settings.reject_score, settings.tempfail_score) if x),
                             default=math.inf)
@@ -456,11 +463,11 @@ class RulesCheck(Check):
              ) -> tuple[Verdict | None, Rule | None]:
         """Evaluate rules in order: (refusal, the accept rule that ended it). Scores and hits
         are updated."""
-        global_monitor = self.settings.mode == "monitor"
+        global_monitor = self.monitor_all
         trace = s.trace
         # a trace lists every rule; otherwise rules that cannot hit are not even called
         plan = self.plans[stage]
-        gated = plan.body or plan.header
+        gated = plan.gated
         for rule in rules if trace is not None or not gated else plan.candidates(facts):
             result = rule.test(facts)
             if result is False and trace is None:

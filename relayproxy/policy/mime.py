@@ -377,7 +377,7 @@ class MimeScanner:
             else:
                 frame = _Frame.open(boundary, mtype == "multipart/digest", self._frames)
                 self._frames.append(frame)
-                frame.preamble = self._text = self._new_text(_Identity(), None)
+                frame.preamble = self._text = self._new_text(_IDENTITY, None)
                 return
         if content_type is None and disposition is None:
             # no field to name the part (a plain message body): one shared frozen Part
@@ -486,6 +486,9 @@ class _Identity:
         return b""
 
 
+_IDENTITY = _Identity()  # it holds nothing: one for every part
+
+
 class _Base64:
     """RFC 2045 6.8, fed in pieces, as leniently as binascii (and Python's email) decode it.
 
@@ -579,7 +582,7 @@ def _transfer_decoder(cte: str) -> _Transfer:
         return _Base64()
     if cte == "quoted-printable":
         return _QuotedPrintable()
-    return _Identity()
+    return _IDENTITY
 
 
 class _Text:
