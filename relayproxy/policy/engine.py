@@ -731,8 +731,8 @@ class RulesCheck(Check):
             facts.body = mime.text
             if tx.literals is not None:
                 facts.body_seen = tx.literals.seen()
-            if self.reads_names:
-                facts.attachments = [(name, p.content_type) for p in mime.attachments
+            if self.reads_names and (attachments := mime.attachments):
+                facts.attachments = [(name, p.content_type) for p in attachments
                                      for name in (p.names or ("",))]
             if self.reads_types:
                 facts.part_types = [p.content_type for p in mime.parts]

@@ -608,6 +608,8 @@ class _Text:
         if self.decoder is None:  # UTF-8, which never raises with "replace"
             if self.pending:
                 data = self.pending + data
+            elif not data:
+                return  # nothing held, nothing new (the final call, usually): no text
             text, used = codecs.utf_8_decode(data, "replace", final)
             self.pending = data[used:]
             self._append(text)
