@@ -355,10 +355,9 @@ class RulesCheck(Check):
             state = session.facts[_KEY] = _SessionState(trace=[] if self.trace else None)
         return state  # only this class writes _KEY
 
-    def _tx(self, session: SessionInfo, envelope: Envelope) -> _TxState:
+    def _tx(self, s: _SessionState, envelope: Envelope) -> _TxState:
         tx = envelope.facts.get(_KEY)
         if tx is None:
-            s = self._session(session)
             if s.facts is not None:
                 s.facts.forget_transaction()
             # (a score, a monitor score or a deferred refusal comes with a hit)
@@ -599,7 +598,7 @@ class RulesCheck(Check):
 
     async def on_mail(self, session: SessionInfo, envelope: Envelope) -> Verdict | None:
         s: _SessionState = session.facts.get(_KEY) or self._session(session)
-        tx: _TxState = envelope.facts.get(_KEY) or self._tx(session, envelope)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(s, envelope)
         rules = self.by_stage[_MAIL]
         if s.accepted or not rules:
             if tx.hits:  # else nothing to log: a score comes with a hit
@@ -631,7 +630,7 @@ class RulesCheck(Check):
         self, session: SessionInfo, envelope: Envelope, recipient: str
     ) -> Verdict | None:
         s: _SessionState = session.facts.get(_KEY) or self._session(session)
-        tx: _TxState = envelope.facts.get(_KEY) or self._tx(session, envelope)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(s, envelope)
         # a refusal decided before RCPT stands whatever a later accept says: deferring it must
         # not change the outcome (a forged sender must not undo a DNSBL listing)
         if tx.pending is not None and not self._exempt(recipient):
@@ -664,7 +663,7 @@ class RulesCheck(Check):
         self, session: SessionInfo, envelope: Envelope, headers: HeaderSection
     ) -> Verdict | None:
         s: _SessionState = session.facts.get(_KEY) or self._session(session)
-        tx: _TxState = envelope.facts.get(_KEY) or self._tx(session, envelope)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(s, envelope)
         verdict = None
         if self.reads_body:
             ctype = headers.get_lower("content-type")
@@ -696,7 +695,7 @@ class RulesCheck(Check):
     def body_observer(self, session: SessionInfo, envelope: Envelope) -> BodyObserver | None:
         if not self.reads_body:
             return None
-        mime = self._tx(session, envelope).mime
+        mime = self._tx(self._session(session), envelope).mime
         # a message whose headers said all: its body streams by unobserved
         return _Body(mime) if mime is not None and not mime.settled else None
 
@@ -711,7 +710,7 @@ class RulesCheck(Check):
         self, session: SessionInfo, envelope: Envelope, message: MessageInfo
     ) -> Verdict | None:
         s: _SessionState = session.facts.get(_KEY) or self._session(session)
-        tx: _TxState = envelope.facts.get(_KEY) or self._tx(session, envelope)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(s, envelope)
         # the scanner is read once, here: its text (up to rules.body_scan_bytes) need not
         # live as long as the transaction (until the next MAIL, on a busy connection)
         mime, tx.mime = tx.mime, None
