@@ -120,7 +120,8 @@ class Part:
 
 # the Part of an entity without Content-Type and Content-Disposition, by its default type
 # (a handful: text/plain, message/rfc822 in a digest, application/octet-stream when opaque)
-_UNNAMED: dict[str, Part] = {}
+_PLAIN = Part("text/plain", "", "")  # the usual one, as a part without fields reads
+_UNNAMED: dict[str, Part] = {"text/plain": _PLAIN}
 
 
 class MimeScanner:
@@ -359,7 +360,15 @@ class MimeScanner:
             self._in_headers, self._text = False, None
             self._frames.clear()
             return
-        # (absent fields, as in most plain messages, need no parsing call)
+        if content_type is None and disposition is None and not transfer_encoding \
+                and default == "text/plain" and not opaque:
+            # a part that names nothing (most plain messages): what the lines below make of
+            # it, text/plain read as is (RFC 2045 5.2, 6.1), without their parsing
+            self._in_headers, self._bol = False, True
+            self._parts.append(_PLAIN)
+            self._text = self._new_text(_IDENTITY, None)
+            return
+        # (absent fields need no parsing call)
         mtype, params = (default, {}) if content_type is None else \
             _content_type(content_type, default)
         disp, dparams = ("", {}) if disposition is None else _content_disposition(disposition)
