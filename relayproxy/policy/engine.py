@@ -695,7 +695,8 @@ class RulesCheck(Check):
     def body_observer(self, session: SessionInfo, envelope: Envelope) -> BodyObserver | None:
         if not self.reads_body:
             return None
-        mime = self._tx(self._session(session), envelope).mime
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(self._session(session), envelope)
+        mime = tx.mime
         # a message whose headers said all: its body streams by unobserved
         return _Body(mime) if mime is not None and not mime.settled else None
 
