@@ -258,7 +258,8 @@ class _Literals:
 
     def seen(self) -> dict[str, bool]:
         seen = dict.fromkeys(self.left, False)
-        seen.update(dict.fromkeys(self.found, True))
+        for literal in self.found:  # mostly none: no second dict to merge
+            seen[literal] = True
         return seen
 
 
