@@ -96,3 +96,23 @@ def test_streamed_literals_cover_a_multipart_text() -> None:
     text = fold(scanner.text)
     assert all(seen[lit] for lit in seen if lit in text), (scanner.text, seen)
     assert seen["lottery"] and seen["win"]
+
+
+def test_literal_rare_character_settles_ascii_pieces() -> None:
+    """An ASCII piece without a literal's rare character (in either case) is not folded; a
+    literal is still found in one with it, in any case, and across two pieces of which
+    only one holds that character."""
+    from relayproxy.policy.engine import _Literals
+    from relayproxy.policy.regex import rare_char
+
+    assert rare_char("cheap") == "p" and rare_char("lottery") == "y"
+    assert rare_char("win 4") == "4" and rare_char("a b") == "b"
+    finder = _Literals(("cheap", "lottery"), 6)
+    finder.feed("X" * 100)  # neither p nor y: settled without folding
+    assert finder.seen() == {"cheap": False, "lottery": False}
+    finder.feed("xx CHE")  # no P: the start of "cheap" kept for the next piece
+    finder.feed("aP and a LotTerY")
+    assert finder.seen() == {"cheap": True, "lottery": True}
+    finder = _Literals(("cheap",), 4)
+    finder.feed("ch\u00e9ap cHeAp")  # not ASCII: folded whole
+    assert finder.seen() == {"cheap": True}

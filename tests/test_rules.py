@@ -305,3 +305,97 @@ def test_header_gates_never_skip_a_hit(value: str, before: str, after: str, form
     kept = {r.name for r in _Plan.of(rules).candidates(_facts(headers=headers))}
     hits = {r.name for r in rules if r.test(_facts(headers=headers))}
     assert hits <= kept
+
+
+def _engine_message(check: Any, wire: bytes, helo: str = "mx.example.net") -> Any:
+    """One message through the engine's hooks, as the pipeline calls them (no DNS: reverse
+    lookups off); the end-of-data verdict (or the first refusal) and the transaction."""
+    import asyncio
+
+    from relayproxy.checks.base import Envelope, MessageInfo, SessionInfo
+    from relayproxy.headers import find_end
+
+    async def run() -> Any:
+        session = SessionInfo("t", "192.0.2.10", 40000)
+        envelope = Envelope("alice@example.net")
+        if (verdict := await check.on_connect(session)) is not None:
+            return verdict, envelope
+        session.helo = helo
+        if (verdict := await check.on_helo(session)) is not None:
+            return verdict, envelope
+        if (verdict := await check.on_mail(session, envelope)) is not None:
+            return verdict, envelope
+        if (verdict := await check.on_rcpt(session, envelope, "bob@example.com")) is not None:
+            return verdict, envelope
+        envelope.recipients.append("bob@example.com")
+        found = find_end(wire)
+        assert found is not None
+        headers = HeaderSection.parse(wire[:found[0]], wire[found[0]:found[1]])
+        if (verdict := await check.on_headers(session, envelope, headers)) is not None:
+            return verdict, envelope
+        observer = check.body_observer(session, envelope)
+        if observer is not None:
+            await observer.feed(wire[found[1]:])
+        message = MessageInfo(len(wire), headers=headers)
+        return await check.on_data_end(session, envelope, message), envelope
+
+    return asyncio.run(run())
+
+
+_ATTACHED = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+             b"Content-Type: text/plain\r\n\r\nhello\r\n--b\r\nContent-Type: "
+             b"application/x-msdownload\r\nContent-Disposition: attachment; filename=a.exe\r\n"
+             b"\r\nMZ\r\n--b--\r\n")
+_PLAIN = b"Subject: x\r\n\r\nhello, nothing attached\r\n"
+
+
+@pytest.mark.parametrize("match, attached_only", [
+    ('match.attachment_type = "^application/x-msdownload$"', True),
+    (r"match.attachment_name = '(?i)\.exe$'", True),
+    ("match.body = '(?i)hello'", False),  # no part lists made: neither condition reads them
+])
+def test_engine_lists_parts_for_the_rules_that_read_them(tmp_path: Path, match: str,
+                                                         attached_only: bool) -> None:
+    from relayproxy.policy.engine import RulesCheck, Settings
+
+    ruleset = _load(tmp_path, f"""
+        [[rule]]
+        name = "r"
+        {match}
+        action = "score"
+        score = 1
+    """)
+    check = RulesCheck(ruleset, Settings(), None)
+    assert (check.reads_names, check.reads_types) == (
+        "attachment_name" in match, "attachment_type" in match)
+    verdict, envelope = _engine_message(check, _ATTACHED)
+    assert verdict is None
+    assert envelope.log_fields.get("rules") == "r"
+    _, envelope = _engine_message(check, _PLAIN)
+    assert envelope.log_fields.get("rules") == (None if attached_only else "r")
+
+
+@pytest.mark.parametrize("reject, tempfail, score, code", [
+    (10.0, 0.0, 9.5, None),  # below the only threshold: no _threshold call
+    (10.0, 0.0, 10.0, 550),
+    (0.0, 4.0, 3.0, None),  # reject_score off: tempfail_score is the least
+    (0.0, 4.0, 4.0, 451),
+    (5.0, 4.0, 4.5, 451),
+    (5.0, 4.0, 5.0, 550),
+    (0.0, 0.0, 100.0, None),  # both off
+])
+def test_engine_score_thresholds(tmp_path: Path, reject: float, tempfail: float, score: float,
+                                 code: int | None) -> None:
+    from relayproxy.policy.engine import RulesCheck, Settings
+
+    ruleset = _load(tmp_path, f"""
+        [[rule]]
+        name = "s"
+        match.body = 'hello'
+        action = "score"
+        score = {score}
+    """)
+    check = RulesCheck(ruleset, Settings(reject_score=reject, tempfail_score=tempfail), None)
+    verdict, envelope = _engine_message(check, _PLAIN)
+    assert (verdict.code if verdict is not None else None) == code
+    assert envelope.log_fields["score"] == f"{score:g}"

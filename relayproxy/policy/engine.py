@@ -22,7 +22,8 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 from .. import metrics
 from ..checks.base import (
@@ -37,7 +38,7 @@ from ..headers import HeaderSection
 from .dnsbl import Dnsbl, DnsblAnswer, DnsblZone, Listing
 from .geo import CountryDB
 from .mime import MimeScanner
-from .regex import fold
+from .regex import fold, rare_char
 from .rules import Facts, Rule, RuleSet, Stage
 from .verdict import Action, Verdict
 
@@ -72,11 +73,19 @@ class Evaluation:
     score: float = 0.0
 
 
-@dataclass(slots=True)
+# The per-session and per-transaction state below is made for every message: plain classes
+# with slots, their containers written as literals. A dataclass's default_factory calls cost
+# three times as much (10k instructions for _SessionState alone), per message.
+
+
 class _Scores:
-    score: float = 0.0
-    names: list[str] = field(default_factory=list)
-    monitor_score: float = 0.0
+    __slots__ = ("monitor_score", "names", "score")
+
+    def __init__(self, score: float = 0.0, names: list[str] | None = None,
+                 monitor_score: float = 0.0) -> None:
+        self.score = score
+        self.names: list[str] = [] if names is None else names
+        self.monitor_score = monitor_score
 
     def add(self, rule: Rule, monitor: bool) -> None:
         if monitor:
@@ -89,35 +98,44 @@ class _Scores:
         return _Scores(self.score, list(self.names), self.monitor_score)
 
 
-@dataclass(slots=True)
 class _SessionState:
-    dnsbl: dict[DnsblZone, asyncio.Future[DnsblAnswer]] = field(default_factory=dict)
-    country: str | None = None
-    rdns: str | None = None
-    rdns_known: bool = False
-    accepted: bool = False
-    connect: _Scores = field(default_factory=_Scores)
-    helo: _Scores = field(default_factory=_Scores)  # reset at each HELO/EHLO
-    pending: Verdict | None = None  # deferred from connect
-    helo_pending: Verdict | None = None
-    hits: list[str] = field(default_factory=list)
-    helo_hits: list[str] = field(default_factory=list)
-    headers: list[bytes] = field(default_factory=list)  # add_header from connect
-    helo_headers: list[bytes] = field(default_factory=list)  # ... from the last HELO
-    trace: list[Evaluation] | None = None
-    facts: Facts | None = None  # one per session, its transaction part reset by _tx
+    __slots__ = ("accepted", "connect", "country", "dnsbl", "facts", "headers", "helo",
+                 "helo_headers", "helo_hits", "helo_pending", "hits", "pending", "rdns",
+                 "rdns_known", "trace")
+
+    def __init__(self, trace: list[Evaluation] | None = None) -> None:
+        self.dnsbl: dict[DnsblZone, asyncio.Future[DnsblAnswer]] = {}
+        self.country: str | None = None
+        self.rdns: str | None = None
+        self.rdns_known = False
+        self.accepted = False
+        self.connect = _Scores()
+        self.helo = _Scores()  # reset at each HELO/EHLO
+        self.pending: Verdict | None = None  # deferred from connect
+        self.helo_pending: Verdict | None = None
+        self.hits: list[str] = []
+        self.helo_hits: list[str] = []
+        self.headers: list[bytes] = []  # add_header from connect
+        self.helo_headers: list[bytes] = []  # ... from the last HELO
+        self.trace = trace
+        self.facts: Facts | None = None  # one per session, its transaction part reset by _tx
 
 
-@dataclass(slots=True)
 class _TxState:
-    scores: _Scores
-    accepted: bool = False
-    pending: Verdict | None = None  # deferred from connect, helo or mail
-    hits: list[str] = field(default_factory=list)
-    headers: list[bytes] = field(default_factory=list)
-    mime: MimeScanner | None = None
-    literals: _Literals | None = None  # the body rules' literals, looked for as text streams
-    logged: tuple[int, float, float] = (0, 0.0, 0.0)  # what _log last wrote
+    __slots__ = ("accepted", "headers", "hits", "literals", "logged", "mime", "pending",
+                 "scores")
+
+    def __init__(self, scores: _Scores, pending: Verdict | None = None,
+                 hits: list[str] | None = None, headers: list[bytes] | None = None) -> None:
+        self.scores = scores
+        self.accepted = False
+        self.pending = pending  # deferred from connect, helo or mail
+        self.hits: list[str] = [] if hits is None else hits
+        self.headers: list[bytes] = [] if headers is None else headers
+        self.mime: MimeScanner | None = None
+        # the body rules' literals, looked for as text streams
+        self.literals: _Literals | None = None
+        self.logged: tuple[int, float, float] = (0, 0.0, 0.0)  # what _log last wrote
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +149,7 @@ class _Plan:
     body: tuple[tuple[str, tuple[int, ...]], ...]
     header: tuple[tuple[str, tuple[int, ...]], ...]
     fields: tuple[str, ...]  # lower-case names
+    gated: bool  # some rule has a gate (body or header)
 
     @classmethod
     def of(cls, rules: tuple[Rule, ...]) -> _Plan:
@@ -150,7 +169,8 @@ class _Plan:
         return cls(rules, tuple(gates),
                    tuple(r for r, g in zip(rules, gates, strict=True) if g < 0),
                    tuple((lit, tuple(g)) for lit, g in body.items()),
-                   tuple((lit, tuple(g)) for lit, g in header.items()), tuple(fields))
+                   tuple((lit, tuple(g)) for lit, g in header.items()), tuple(fields),
+                   bool(body or header))
 
     def candidates(self, facts: Facts) -> tuple[Rule, ...] | list[Rule]:
         """The rules that may hit: a gated rule whose text holds none of its literals is
@@ -190,36 +210,62 @@ class _Literals:
     that the prefilter needs no folded copy of the whole text (rules.body_scan_bytes per
     message). Folding goes character by character (regex.fold), so the pieces folded one by
     one give what the whole would; the last characters of each are kept for a literal that
-    spans two pieces."""
+    spans two pieces. An ASCII piece is folded only when it may hold a literal: when it has
+    some literal's rare character (regex.rare_char) in either case."""
 
-    __slots__ = ("found", "keep", "left", "tail")
+    __slots__ = ("found", "keep", "left", "probes", "tail")
 
-    def __init__(self, literals: tuple[str, ...], keep: int) -> None:
+    def __init__(self, literals: tuple[str, ...], keep: int,
+                 probes: dict[str, tuple[str, str]] | None = None) -> None:
         self.left = literals  # not found yet
         self.found: tuple[str, ...] = ()
         self.keep = keep  # the longest literal's length, less one
         self.tail = ""
+        # each literal's rare character in both cases (RulesCheck computes them once)
+        self.probes = probes if probes is not None else probe_table(literals)
 
     def feed(self, piece: str) -> None:
         left = self.left
         if not left:
             return
-        folded = fold(piece)
         keep = self.keep
-        edge = self.tail + folded[:keep] if keep else ""
+        folded: str | None
+        inside: tuple[str, ...] = ()
+        if piece.isascii():
+            probes = self.probes
+            for lit in left:
+                low, up = probes[lit]
+                if low in piece or up in piece:
+                    inside += (lit,)
+            folded = fold(piece) if inside else None
+        else:
+            inside, folded = left, fold(piece)
+        # (the first piece has nothing before it: a literal in its head is in the piece)
+        tail = self.tail
+        edge = tail + (folded[:keep] if folded is not None else piece[:keep].lower()) \
+            if tail else ""
         for literal in left:
-            if literal in folded or literal in edge:
-                found = tuple(lit for lit in left if lit in folded or lit in edge)
+            if literal in edge or (folded is not None and literal in inside
+                                   and literal in folded):
+                found = tuple(lit for lit in left if lit in edge or (
+                    folded is not None and lit in inside and lit in folded))
                 self.found += found
                 self.left = tuple(lit for lit in left if lit not in found)
                 break
         if keep:
-            self.tail = (folded if len(folded) >= keep else self.tail + folded)[-keep:]
+            end = folded if folded is not None else piece[-keep:].lower()
+            self.tail = (end if len(end) >= keep else self.tail + end)[-keep:]
 
     def seen(self) -> dict[str, bool]:
         seen = dict.fromkeys(self.left, False)
-        seen.update(dict.fromkeys(self.found, True))
+        for literal in self.found:  # mostly none: no second dict to merge
+            seen[literal] = True
         return seen
+
+
+def probe_table(literals: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """Each literal's rare character in both cases, for _Literals."""
+    return {lit: (c, c.upper()) for lit in literals for c in (rare_char(lit),)}
 
 
 class _Body(BodyObserver):
@@ -265,11 +311,20 @@ class RulesCheck(Check):
         self.needs_rdns = any(r.needs_rdns for r in ruleset.rules)
         self.needs_country = any(r.needs_country for r in ruleset.rules)
         self.reads_body = any(r.reads_body for r in self.by_stage[Stage.DATA])
+        # the parts' names and types are listed for the end of data only if a rule reads them
+        keys = [c.key for r in self.by_stage[Stage.DATA] for c in r.conditions]
+        self.reads_names = any(k.endswith("attachment_name") for k in keys)
+        self.reads_types = any(k.endswith("attachment_type") for k in keys)
+        self.monitor_all = settings.mode == "monitor"
+        # the least score that refuses: below it (most transactions) no _threshold call
+        self.refusing = min((x for x in (settings.reject_score, settings.tempfail_score) if x),
+                            default=math.inf)
         # the literals the body prefilter looks for, looked for as the text streams (one
         # with a line break could span the break between two parts: left to the prefilter)
         self.body_literals = tuple(lit for lit, _ in self.plans[Stage.DATA].body
                                    if "\n" not in lit)
         self.literal_keep = max(map(len, self.body_literals), default=1) - 1
+        self.literal_probes = probe_table(self.body_literals)
         # the decoded text only for body conditions: attachments need just the part headers
         self.text_budget = settings.body_scan_bytes if any(
             r.reads_text for r in self.by_stage[Stage.DATA]) else 0
@@ -292,16 +347,18 @@ class RulesCheck(Check):
 
     # state
 
+    # The stages look their state up first (session.facts.get(_KEY) or self._session(...)):
+    # it exists but at connect and at a transaction's first stage, and a call costs.
+
     def _session(self, session: SessionInfo) -> _SessionState:
         state = session.facts.get(_KEY)
         if state is None:
             state = session.facts[_KEY] = _SessionState(trace=[] if self.trace else None)
         return state  # only this class writes _KEY
 
-    def _tx(self, session: SessionInfo, envelope: Envelope) -> _TxState:
+    def _tx(self, s: _SessionState, envelope: Envelope) -> _TxState:
         tx = envelope.facts.get(_KEY)
         if tx is None:
-            s = self._session(session)
             if s.facts is not None:
                 s.facts.forget_transaction()
             # (a score, a monitor score or a deferred refusal comes with a hit)
@@ -347,7 +404,8 @@ class RulesCheck(Check):
 
     def _must_wait(self, session: SessionInfo, s: _SessionState, stage: Stage) -> bool:
         """Do the stage's rules wait for a DNS fact? Not for a reverse name when reverse DNS
-        is off (it is unknown then): no coroutine, no timer for that."""
+        is off (it is unknown then): no coroutine, no timer for that. (The stages look at
+        self.waits first: most have nothing to wait for, and a method call costs.)"""
         if not self.waits[stage]:
             return False
         if self.stage_zones[stage]:
@@ -405,11 +463,11 @@ class RulesCheck(Check):
              ) -> tuple[Verdict | None, Rule | None]:
         """Evaluate rules in order: (refusal, the accept rule that ended it). Scores and hits
         are updated."""
-        global_monitor = self.settings.mode == "monitor"
+        global_monitor = self.monitor_all
         trace = s.trace
         # a trace lists every rule; otherwise rules that cannot hit are not even called
         plan = self.plans[stage]
-        gated = plan.body or plan.header
+        gated = plan.gated
         for rule in rules if trace is not None or not gated else plan.candidates(facts):
             result = rule.test(facts)
             if result is False and trace is None:
@@ -472,7 +530,8 @@ class RulesCheck(Check):
         return s.accepted or (tx is not None and tx.accepted)
 
     def _threshold(self, scores: _Scores, stage: Stage, *more: _Scores) -> Verdict | None:
-        """The refusal the scores (added up) call for, if any."""
+        """The refusal the scores (added up) call for, if any. The stages call it only for
+        a total of at least self.refusing: below that it has nothing to say."""
         st = self.settings
         score = scores.score
         for m in more:
@@ -504,18 +563,20 @@ class RulesCheck(Check):
         if not rules:
             return None
         facts = (await self._stage_facts(session, s, _CONNECT)
-                 if self._must_wait(session, s, _CONNECT) else self._facts(session, s))
+                 if self.waits[_CONNECT] and self._must_wait(session, s, _CONNECT)
+                 else self._facts(session, s))
         verdict, accept = self._run(_CONNECT, rules, facts, s, s.connect, s.hits,
                                     s.headers)
         accepted = accept is not None and self._accept(accept, s, None)
-        verdict = verdict or (None if accepted else self._threshold(s.connect, _CONNECT))
+        if verdict is None and not accepted and s.connect.score >= self.refusing:
+            verdict = self._threshold(s.connect, _CONNECT)
         if verdict is not None and verdict.defer:
             s.pending = _at_rcpt(verdict)
             return None
         return verdict
 
     async def on_helo(self, session: SessionInfo) -> Verdict | None:
-        s = self._session(session)
+        s: _SessionState = session.facts.get(_KEY) or self._session(session)
         # a new HELO starts over: what the last one's rules said is forgotten
         if s.helo_hits or s.helo_pending or s.helo_headers or s.helo.names or \
                 s.helo.monitor_score:  # the first HELO finds them empty: no new objects
@@ -524,10 +585,12 @@ class RulesCheck(Check):
         if s.accepted or not rules:
             return None
         facts = (await self._stage_facts(session, s, _HELO)
-                 if self._must_wait(session, s, _HELO) else self._facts(session, s))
+                 if self.waits[_HELO] and self._must_wait(session, s, _HELO)
+                 else self._facts(session, s))
         verdict, accept = self._run(_HELO, rules, facts, s, s.helo, s.helo_hits,
                                     s.helo_headers)
-        if verdict is None and not (accept is not None and self._accept(accept, s, None)):
+        if verdict is None and not (accept is not None and self._accept(accept, s, None)) \
+                and s.connect.score + s.helo.score >= self.refusing:
             verdict = self._threshold(s.connect, _HELO, s.helo)
         if verdict is not None and verdict.defer:
             s.helo_pending = _at_rcpt(verdict)
@@ -535,21 +598,25 @@ class RulesCheck(Check):
         return verdict
 
     async def on_mail(self, session: SessionInfo, envelope: Envelope) -> Verdict | None:
-        s = self._session(session)
-        tx = self._tx(session, envelope)
+        s: _SessionState = session.facts.get(_KEY) or self._session(session)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(s, envelope)
         rules = self.by_stage[_MAIL]
         if s.accepted or not rules:
-            self._log(envelope, tx)
+            if tx.hits:  # else nothing to log: a score comes with a hit
+                self._log(envelope, tx)
             return None
         facts = (await self._stage_facts(session, s, _MAIL)
-                 if self._must_wait(session, s, _MAIL) else self._facts(session, s))
+                 if self.waits[_MAIL] and self._must_wait(session, s, _MAIL)
+                 else self._facts(session, s))
         facts.sender = envelope.sender
         facts.auth = envelope.facts.get("auth")
         verdict, accept = self._run(_MAIL, rules, facts, s, tx.scores, tx.hits,
                                     tx.headers)
         accepted = accept is not None and self._accept(accept, s, tx)
-        verdict = verdict or (None if accepted else self._threshold(tx.scores, _MAIL))
-        self._log(envelope, tx)
+        if verdict is None and not accepted and tx.scores.score >= self.refusing:
+            verdict = self._threshold(tx.scores, _MAIL)
+        if tx.hits:  # else nothing to log: a score comes with a hit
+            self._log(envelope, tx)
         if verdict is not None and verdict.defer:
             tx.pending = tx.pending or _at_rcpt(verdict)
             return None
@@ -563,8 +630,8 @@ class RulesCheck(Check):
     async def on_rcpt(
         self, session: SessionInfo, envelope: Envelope, recipient: str
     ) -> Verdict | None:
-        s = self._session(session)
-        tx = self._tx(session, envelope)
+        s: _SessionState = session.facts.get(_KEY) or self._session(session)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(s, envelope)
         # a refusal decided before RCPT stands whatever a later accept says: deferring it must
         # not change the outcome (a forged sender must not undo a DNSBL listing)
         if tx.pending is not None and not self._exempt(recipient):
@@ -575,7 +642,8 @@ class RulesCheck(Check):
         if not rules:
             return None
         facts = (await self._stage_facts(session, s, _RCPT)
-                 if self._must_wait(session, s, _RCPT) else self._facts(session, s))
+                 if self.waits[_RCPT] and self._must_wait(session, s, _RCPT)
+                 else self._facts(session, s))
         facts.sender, facts.recipient = envelope.sender, recipient
         facts.auth = envelope.facts.get("auth")
         facts.recipients = envelope.recipients
@@ -584,7 +652,8 @@ class RulesCheck(Check):
         added: list[bytes] = []
         verdict, accept = self._run(_RCPT, rules, facts, s, scores, hits, added)
         accepted = accept is not None and self._accept(accept, s, tx)
-        verdict = verdict or (None if accepted else self._threshold(scores, _RCPT))
+        if verdict is None and not accepted and scores.score >= self.refusing:
+            verdict = self._threshold(scores, _RCPT)
         tx.headers += [h for h in added if h not in tx.headers]  # once, however many match
         tx.hits += [h for h in hits if h not in tx.hits]
         if verdict is None or self._exempt(recipient):
@@ -594,13 +663,14 @@ class RulesCheck(Check):
     async def on_headers(
         self, session: SessionInfo, envelope: Envelope, headers: HeaderSection
     ) -> Verdict | None:
-        s = self._session(session)
-        tx = self._tx(session, envelope)
+        s: _SessionState = session.facts.get(_KEY) or self._session(session)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(s, envelope)
         verdict = None
         if self.reads_body:
             ctype = headers.get_lower("content-type")
             cte = headers.get_lower("content-transfer-encoding")
-            finder = tx.literals = (_Literals(self.body_literals, self.literal_keep)
+            finder = tx.literals = (_Literals(self.body_literals, self.literal_keep,
+                                              self.literal_probes)
                                     if self.body_literals and self.text_budget else None)
             tx.mime = MimeScanner(ctype[0].value if ctype else None,
                                   cte[0].value if cte else None, self.text_budget,
@@ -608,14 +678,16 @@ class RulesCheck(Check):
         rules = self.by_stage[_HEADERS]
         if rules and not (s.accepted or tx.accepted or tx.pending):
             facts = (await self._stage_facts(session, s, _HEADERS)
-                     if self._must_wait(session, s, _HEADERS) else self._facts(session, s))
+                     if self.waits[_HEADERS] and self._must_wait(session, s, _HEADERS)
+                     else self._facts(session, s))
             self._envelope_facts(facts, envelope, headers)
             verdict, accept = self._run(_HEADERS, rules, facts, s, tx.scores,
                                         tx.hits, tx.headers)
             accepted = accept is not None and self._accept(accept, s, tx)
-            verdict = verdict or (None if accepted else
-                                  self._threshold(tx.scores, _HEADERS))
-            self._log(envelope, tx)
+            if verdict is None and not accepted and tx.scores.score >= self.refusing:
+                verdict = self._threshold(tx.scores, _HEADERS)
+            if tx.hits:  # else nothing to log: a score comes with a hit
+                self._log(envelope, tx)
         for header in reversed(tx.headers):
             headers.prepend_raw(header)
         tx.headers.clear()
@@ -624,7 +696,8 @@ class RulesCheck(Check):
     def body_observer(self, session: SessionInfo, envelope: Envelope) -> BodyObserver | None:
         if not self.reads_body:
             return None
-        mime = self._tx(session, envelope).mime
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(self._session(session), envelope)
+        mime = tx.mime
         # a message whose headers said all: its body streams by unobserved
         return _Body(mime) if mime is not None and not mime.settled else None
 
@@ -638,8 +711,8 @@ class RulesCheck(Check):
     async def on_data_end(
         self, session: SessionInfo, envelope: Envelope, message: MessageInfo
     ) -> Verdict | None:
-        s = self._session(session)
-        tx = self._tx(session, envelope)
+        s: _SessionState = session.facts.get(_KEY) or self._session(session)
+        tx: _TxState = envelope.facts.get(_KEY) or self._tx(s, envelope)
         # the scanner is read once, here: its text (up to rules.body_scan_bytes) need not
         # live as long as the transaction (until the next MAIL, on a busy connection)
         mime, tx.mime = tx.mime, None
@@ -649,7 +722,8 @@ class RulesCheck(Check):
         if not rules or s.accepted or tx.accepted or tx.pending:
             return None
         facts = (await self._stage_facts(session, s, _DATA)
-                 if self._must_wait(session, s, _DATA) else self._facts(session, s))
+                 if self.waits[_DATA] and self._must_wait(session, s, _DATA)
+                 else self._facts(session, s))
         self._envelope_facts(facts, envelope, message.headers)
         facts.size = message.size
         facts.scans = envelope.facts  # the scanners' results: their observers ended first
@@ -658,14 +732,17 @@ class RulesCheck(Check):
             facts.body = mime.text
             if tx.literals is not None:
                 facts.body_seen = tx.literals.seen()
-            facts.attachments = [(name, p.content_type) for p in mime.attachments
-                                 for name in (p.names or ("",))]
-            facts.part_types = [p.content_type for p in mime.parts]
+            if self.reads_names and (attachments := mime.attachments):
+                facts.attachments = [(name, p.content_type) for p in attachments
+                                     for name in (p.names or ("",))]
+            if self.reads_types:
+                facts.part_types = [p.content_type for p in mime.parts]
         added: list[bytes] = []
         verdict, accept = self._run(_DATA, rules, facts, s, tx.scores, tx.hits, added)
         facts.forget_transaction()
         accepted = accept is not None and self._accept(accept, s, tx)
-        verdict = verdict or (None if accepted else self._threshold(tx.scores, _DATA))
+        if verdict is None and not accepted and tx.scores.score >= self.refusing:
+            verdict = self._threshold(tx.scores, _DATA)
         if verdict is None and added and message.headers is not None:
             if message.headers_sent:
                 log.info("session %s: add_header too late for a message larger than "
@@ -673,7 +750,8 @@ class RulesCheck(Check):
             else:
                 for header in reversed(added):
                     message.headers.prepend_raw(header)
-        self._log(envelope, tx)
+        if tx.hits:  # else nothing to log: a score comes with a hit
+            self._log(envelope, tx)
         return verdict
 
     def _log(self, envelope: Envelope, tx: _TxState) -> None:

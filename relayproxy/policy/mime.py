@@ -120,7 +120,8 @@ class Part:
 
 # the Part of an entity without Content-Type and Content-Disposition, by its default type
 # (a handful: text/plain, message/rfc822 in a digest, application/octet-stream when opaque)
-_UNNAMED: dict[str, Part] = {}
+_PLAIN = Part("text/plain", "", "")  # the usual one, as a part without fields reads
+_UNNAMED: dict[str, Part] = {"text/plain": _PLAIN}
 
 
 class MimeScanner:
@@ -359,9 +360,19 @@ class MimeScanner:
             self._in_headers, self._text = False, None
             self._frames.clear()
             return
-        mtype, params = _content_type(content_type, default)
-        disp, dparams = _content_disposition(disposition)
-        cte = (transfer_encoding or "").strip().lower()
+        if content_type is None and disposition is None and not transfer_encoding \
+                and default == "text/plain" and not opaque:
+            # a part that names nothing (most plain messages): what the lines below make of
+            # it, text/plain read as is (RFC 2045 5.2, 6.1), without their parsing
+            self._in_headers, self._bol = False, True
+            self._parts.append(_PLAIN)
+            self._text = self._new_text(_IDENTITY, None)
+            return
+        # (absent fields need no parsing call)
+        mtype, params = (default, {}) if content_type is None else \
+            _content_type(content_type, default)
+        disp, dparams = ("", {}) if disposition is None else _content_disposition(disposition)
+        cte = transfer_encoding.strip().lower() if transfer_encoding else ""
         self._in_headers, self._bol = False, True
         if opaque:
             mtype = "application/octet-stream"
@@ -375,7 +386,7 @@ class MimeScanner:
             else:
                 frame = _Frame.open(boundary, mtype == "multipart/digest", self._frames)
                 self._frames.append(frame)
-                frame.preamble = self._text = self._new_text(_Identity(), None)
+                frame.preamble = self._text = self._new_text(_IDENTITY, None)
                 return
         if content_type is None and disposition is None:
             # no field to name the part (a plain message body): one shared frozen Part
@@ -484,6 +495,9 @@ class _Identity:
         return b""
 
 
+_IDENTITY = _Identity()  # it holds nothing: one for every part
+
+
 class _Base64:
     """RFC 2045 6.8, fed in pieces, as leniently as binascii (and Python's email) decode it.
 
@@ -577,7 +591,7 @@ def _transfer_decoder(cte: str) -> _Transfer:
         return _Base64()
     if cte == "quoted-printable":
         return _QuotedPrintable()
-    return _Identity()
+    return _IDENTITY
 
 
 class _Text:
@@ -589,7 +603,7 @@ class _Text:
                  on_text: Callable[[str], None] | None = None) -> None:
         self.on_text = on_text
         self.transfer = transfer
-        self.codec = _codec(charset)
+        self.codec = "utf-8" if charset is None else _codec(charset)  # None: no call
         # UTF-8, the usual codec, is decoded by the C function itself, its unfinished
         # sequence kept here: what codecs' Python-level incremental decoder does around it
         # cost as much as the decoding of a 4 KB part
@@ -603,6 +617,8 @@ class _Text:
         if self.decoder is None:  # UTF-8, which never raises with "replace"
             if self.pending:
                 data = self.pending + data
+            elif not data:
+                return  # nothing held, nothing new (the final call, usually): no text
             text, used = codecs.utf_8_decode(data, "replace", final)
             self.pending = data[used:]
             self._append(text)

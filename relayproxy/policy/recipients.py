@@ -24,6 +24,7 @@ are wall-clock, so a shared store works across processes.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Collection
@@ -111,6 +112,9 @@ class RecipientCache(Check):
         return None
 
 
+# at every RCPT: the key's A-label conversion costs more than the store's lookup, and a
+# client sends the same few recipients again and again (bounded: it chooses them)
+@functools.lru_cache(maxsize=4096)
 def _cache_key(recipient: str) -> str:
     return "rcpt:" + address_key(recipient, False)
 

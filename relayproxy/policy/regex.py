@@ -35,6 +35,21 @@ def fold(text: str) -> str:
     return text.casefold().translate(_FOLD_FIX)
 
 
+# Letters by how often English text uses them, the most frequent first (for rare_char)
+_BY_FREQUENCY = "etaoinsrhldcumfpgwybvkxjqz"
+
+
+def rare_char(literal: str) -> str:
+    """The character of a folded ASCII literal that texts lack most often: its rarest letter
+    by English frequency, a digit or punctuation mark before all but the rarest letters,
+    white space last. ASCII text folds one character into one (fold is lower()), so an ASCII
+    text without this character in either case holds no case variant of the literal, and
+    saying so takes two memchr calls instead of a folded copy of the text (the rare-byte
+    prefilter of the memchr crate, which Rust's regex uses)."""
+    return max(literal, key=lambda c: _BY_FREQUENCY.find(c) if c.isalpha() else
+               -1 if c.isspace() else 20)
+
+
 class Regex:
     __slots__ = ("literals", "pattern", "rx")
 

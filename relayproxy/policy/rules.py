@@ -19,6 +19,7 @@ import glob
 import ipaddress
 import re
 import tomllib
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,31 +123,55 @@ class RuleFileSpec(msgspec.Struct, forbid_unknown_fields=True):
 # ---------------------------------------------------------------------- facts and conditions
 
 
-@dataclass(slots=True)
+_NO_SCANS: Mapping[str, Any] = types.MappingProxyType({})
+
+
+@dataclass(slots=True, init=False)
 class Facts:
     """What the conditions read, gathered by the engine before a stage's rules run."""
 
     client_ip: str
     client_addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     hostname: str  # ours (server.hostname)
-    rdns: str | None = None  # forward-confirmed name, "" none, None unknown (DNS error)
-    helo: str = ""
-    country: str | None = None
-    dnsbl: dict[DnsblZone, bool | None] = field(default_factory=dict)  # listed (None: error)
-    sender: str | None = None
-    recipient: str | None = None  # the RCPT being decided (rcpt stage)
-    recipients: Sequence[str] = ()  # accepted so far
-    headers: Any = None  # relayproxy.headers.HeaderSection
-    size: int = 0
-    body: str = ""
-    attachments: Sequence[tuple[str, str]] = ()  # (file name, content type)
-    part_types: Sequence[str] = ()
-    _folded: str | None = None
-    body_seen: dict[str, bool] = field(default_factory=dict)  # literals found in the body
+    rdns: str | None  # forward-confirmed name, "" none, None unknown (DNS error)
+    helo: str
+    country: str | None
+    dnsbl: dict[DnsblZone, bool | None]  # listed (None: error)
+    sender: str | None
+    recipient: str | None  # the RCPT being decided (rcpt stage)
+    recipients: Sequence[str]  # accepted so far
+    headers: Any  # relayproxy.headers.HeaderSection
+    size: int
+    body: str
+    attachments: Sequence[tuple[str, str]]  # (file name, content type)
+    part_types: Sequence[str]
+    _folded: str | None
+    body_seen: dict[str, bool]  # literals found in the body
     # the transaction's Envelope.facts: the content scanners' results (ScanResult, by
     # relayproxy.scanners.result_key), known at the end of data
-    scans: Mapping[str, Any] = field(default_factory=dict)
-    auth: Any = None  # relayproxy.auth.results.AuthResults ([auth] on), else None
+    scans: Mapping[str, Any]
+    auth: Any  # relayproxy.auth.results.AuthResults ([auth] on), else None
+
+    # written out: one Facts per session, and a dataclass's default_factory calls cost more
+    # than the rest of it
+    def __init__(self, client_ip: str,
+                 client_addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+                 hostname: str, rdns: str | None = None, helo: str = "",
+                 country: str | None = None, dnsbl: dict[DnsblZone, bool | None] | None = None,
+                 sender: str | None = None, recipient: str | None = None,
+                 recipients: Sequence[str] = (), headers: Any = None, size: int = 0,
+                 body: str = "", attachments: Sequence[tuple[str, str]] = (),
+                 part_types: Sequence[str] = (), _folded: str | None = None,
+                 body_seen: dict[str, bool] | None = None,
+                 scans: Mapping[str, Any] = _NO_SCANS, auth: Any = None) -> None:
+        self.client_ip, self.client_addr, self.hostname = client_ip, client_addr, hostname
+        self.rdns, self.helo, self.country = rdns, helo, country
+        self.dnsbl = {} if dnsbl is None else dnsbl
+        self.sender, self.recipient, self.recipients = sender, recipient, recipients
+        self.headers, self.size, self.body = headers, size, body
+        self.attachments, self.part_types, self._folded = attachments, part_types, _folded
+        self.body_seen = {} if body_seen is None else body_seen
+        self.scans, self.auth = scans, auth
 
     def forget_transaction(self) -> None:
         """Drop what a transaction added (the engine keeps one Facts per session): the next
@@ -156,7 +181,7 @@ class Facts:
             return  # every stage that sets a transaction's facts sets the sender
         self.sender, self.recipient, self.recipients, self.headers = None, None, (), None
         self.size, self.body, self.attachments, self.part_types = 0, "", (), ()
-        self._folded, self.body_seen, self.scans, self.auth = None, {}, {}, None
+        self._folded, self.body_seen, self.scans, self.auth = None, {}, _NO_SCANS, None
 
     def folded_body(self) -> str:
         """The body case-folded once, for every body rule's prefilter."""
@@ -443,7 +468,8 @@ class _Builder:
         if m.attachment_name is not None:
             rx = _regex(m.attachment_name, self.key(prefix + "attachment_name"))
             add("attachment_name", Stage.DATA,
-                lambda f: any(name and rx.search(name) for name, _ in f.attachments))
+                lambda f: bool(f.attachments)
+                and any(name and rx.search(name) for name, _ in f.attachments))
         if m.attachment_type is not None:
             rx = _regex(m.attachment_type, self.key(prefix + "attachment_type"))
             add("attachment_type", Stage.DATA, lambda f: any(rx.search(t) for t in f.part_types))
