@@ -24,7 +24,6 @@ from .dotreader import Unstuffer, stuff
 # colon (RFC 822's obsolete syntax, RFC 5322 4.5.3) is read as Postfix's cleanup reads it: the
 # section must end where the mail server's does, or checks would miss fields it delivers.
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
-_CONTINUATION = (b" ", b"\t")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
@@ -94,6 +93,19 @@ def complete_lines(data: bytes | bytearray, start: int) -> int:
     return start if last < 0 else last + 1
 
 
+def _name(head: bytes) -> tuple[str, str]:
+    """A field's name (as written, and in lower case) from what its first line has before
+    the colon (the whole line when it has none)."""
+    name = head.decode("ascii", "replace").rstrip(" \t")
+    return name, name.lower()
+
+
+# what a first line has before its colon -> _name of it: messages repeat the same few dozen
+# names, and their decoding cost a third of the parse
+_NAMES: dict[bytes, tuple[str, str]] = {}
+_NAMES_MAX = 4096
+
+
 class HeaderSection:
     """The held header section; fields in order, with the ones checks prepend first.
 
@@ -101,13 +113,15 @@ class HeaderSection:
     it came, with the prepended fields on top, and costs no parsing.
     """
 
-    __slots__ = ("_fields", "_index", "_prepended", "_wire", "sealed", "separator")
+    __slots__ = ("_fields", "_index", "_original", "_prepended", "_wire", "sealed",
+                 "separator")
 
     def __init__(self, fields: list[HeaderField] | None, separator: bytes,
                  wire: bytes = b"") -> None:
         self._fields = fields
         self._index: dict[str, list[HeaderField]] | None = None  # by lower-case name
         self._wire = wire
+        self._original: bytes | None = None  # the fields' raw bytes joined, while unedited
         self._prepended: list[bytes] = []
         self.separator = separator  # the empty line that ended the section, or b""
         self.sealed = False
@@ -126,21 +140,38 @@ class HeaderSection:
             fields: list[HeaderField] = []
             index: dict[str, list[HeaderField]] = {}
             last: HeaderField | None = None
-            for line in wire.splitlines(keepends=True):
-                if last is not None and line[:1] in _CONTINUATION:
+            names = _NAMES
+            for line in wire.splitlines(keepends=True):  # no empty line: each has an octet
+                if line[0] in (0x20, 0x09) and last is not None:  # a continuation line
                     last.raw += line
                     continue
-                name = line.split(b":", 1)[0].decode("ascii", "replace").rstrip(" \t")
+                colon = line.find(b":")
+                head = line if colon < 0 else line[:colon]
+                known = names.get(head)
+                if known is None:
+                    known = _name(head)
+                    if len(names) < _NAMES_MAX:  # the usual few dozen; a flood is not kept
+                        names[head] = known
+                name, lname = known
                 last = HeaderField(name, line)
                 fields.append(last)
                 # the index comes with the parse: every reader of fields looks names up
-                found = index.get(lname := name.lower())
+                found = index.get(lname)
                 if found is None:
                     index[lname] = [last]
                 else:
                     found.append(last)
-            self._fields, self._index = fields, index
+            self._fields, self._index, self._original = fields, index, wire
         return self._fields
+
+    @property
+    def original(self) -> bytes:
+        """The fields as they came, message bytes (not the prepended ones; without those a
+        check removed): what a DKIM signature covers."""
+        fields = self.fields
+        if self._original is None:
+            self._original = b"".join([f.raw for f in fields])
+        return self._original
 
     def __iter__(self) -> Iterator[HeaderField]:
         return iter(self.fields)
@@ -184,6 +215,7 @@ class HeaderSection:
             self._fields = kept
             self._index = None
             self._wire = b""  # the section changed: wire() builds it from the fields
+            self._original = None
         return removed
 
     def prepend(self, name: str, value: str) -> None:

@@ -99,3 +99,36 @@ def test_section_text_holds_every_value_as_written(
     assert section.remove("subject") >= 0  # edited: the text comes from the fields left
     for f in section.fields:
         assert f.value in section.text()
+
+
+def _fields_oracle(wire: bytes) -> list[tuple[str, str, bytes]]:
+    """The field split spelled out: a line starting with a space or tab continues the field
+    before it (a first one starts a field); a name is what its first line has before the
+    colon (the whole line when it has none), white space after it dropped."""
+    fields: list[tuple[str, str, bytes]] = []
+    for line in wire.splitlines(keepends=True):
+        if fields and line[:1] in (b" ", b"\t"):
+            name, lname, raw = fields[-1]
+            fields[-1] = (name, lname, raw + line)
+            continue
+        name = line.split(b":", 1)[0].decode("ascii", "replace").rstrip(" \t")
+        fields.append((name, name.lower(), line))
+    return fields
+
+
+@given(st.lists(_LINES | st.sampled_from([b"\r", b"Lone: cr\rNext: 1\r\n", b"\t\r\n"]),
+                max_size=12))
+def test_fields_split_as_the_oracle(lines: list[bytes]) -> None:
+    wire = b"".join(lines)
+    for _ in range(2):  # the second parse takes the names the first one kept
+        section = HeaderSection.parse(wire)
+        want = _fields_oracle(wire.replace(b"\r\n.", b"\r\n").removeprefix(b"."))
+        assert [(f.name, f.lname, f.raw) for f in section.fields] == want
+        for name, lname, _raw in want:
+            assert [f.raw for f in section.get_all(name)] == [
+                raw for _n, other, raw in want if other == lname]
+        assert section.original == b"".join(raw for _n, _l, raw in want)
+    if want:  # a removed field leaves the original section too
+        section.remove(want[0][0])
+        assert section.original == b"".join(
+            raw for _n, lname, raw in want if lname != want[0][1])

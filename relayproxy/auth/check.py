@@ -161,7 +161,7 @@ class AuthCheck(Check):
                          headers: HeaderSection) -> Verdict | None:
         tx = self._tx(envelope)
         cfg = self.config
-        original = b"".join([f.raw for f in headers.fields])  # as it came: what was signed
+        original = headers.original  # as it came: what was signed
         hashes: list[BodyHash] = []
         if cfg.dkim.enabled:
             tx.verifier = Verifier(original, cfg.dkim.max_signatures, cfg.dkim.min_key_bits,
