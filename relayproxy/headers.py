@@ -189,15 +189,14 @@ class HeaderSection:
 
     def get_lower(self, lname: str) -> list[HeaderField]:
         """get_all for a name already in lower case (rules look names up many times)."""
-        if self._index is None:
+        index = self._index
+        if index is None:
             fields = self.fields  # a parse indexes as it goes
-            if self._index is None:  # the fields were given or edited
-                index: dict[str, list[HeaderField]] = {}
+            index = self._index
+            if index is None:  # the fields were given or edited
+                index = self._index = {}
                 for f in fields:
                     index.setdefault(f.lname, []).append(f)
-                self._index = index
-        index = self._index
-        assert index is not None
         return index.get(lname, [])
 
     def get(self, name: str) -> str | None:
