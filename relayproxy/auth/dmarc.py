@@ -10,8 +10,6 @@ import email.utils
 import math
 import random
 import re
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,7 +18,7 @@ from publicsuffixlist import PublicSuffixList
 
 from ..address import PathError, ascii_domain
 from ..headers import HeaderField
-from .lookup import TempDNSError, cached_txt_until, txt
+from .lookup import Expiring, TempDNSError, cached_txt_until, txt
 
 _PSL = PublicSuffixList()
 
@@ -93,9 +91,9 @@ async def find_record(resolver: dns.asyncresolver.Resolver, domain: str) -> Reco
 
 
 _RECORD_ENTRIES = 4096
-# (resolver, From domain) -> (expiry, record): cached_record's answer until the first TXT
+# (resolver, From domain) -> record: cached_record's answer until the first TXT
 # answer it read expires; the From domains of most messages were seen a moment ago
-_records: OrderedDict[tuple[int, str], tuple[float, Record | None]] = OrderedDict()
+_records: Expiring[tuple[int, str], Record | None] = Expiring(_RECORD_ENTRIES)
 
 
 def cached_record(resolver: dns.asyncresolver.Resolver, domain: str
@@ -105,9 +103,7 @@ def cached_record(resolver: dns.asyncresolver.Resolver, domain: str
     key = (id(resolver), domain)
     memo = _records.get(key)
     if memo is not None:
-        if memo[0] > time.time():
-            return True, memo[1]
-        del _records[key]
+        return True, memo[1]
     expires = math.inf
     record = None
     for name, subdomain in ((domain, False), (org_domain(domain), True)):
@@ -123,9 +119,7 @@ def cached_record(resolver: dns.asyncresolver.Resolver, domain: str
             break
         if found:
             break
-    _records[key] = (expires, record)
-    while len(_records) > _RECORD_ENTRIES:
-        _records.popitem(last=False)
+    _records.put(key, expires, record)
     return True, record
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from functools import lru_cache
+from typing import Generic, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -21,6 +22,10 @@ import dns.resolver
 # a name that cannot exist (an empty or overlong label) has no records either
 _NOT_FOUND = (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.name.EmptyLabel,
               dns.name.LabelTooLong, dns.name.NameTooLong)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class TempDNSError(Exception):
@@ -44,12 +49,36 @@ async def txt(resolver: dns.asyncresolver.Resolver, name: str) -> list[bytes]:
 _IN = dns.rdataclass.IN
 
 
+class Expiring(Generic[K, V]):
+    """key -> value, each until its own time (time.time()): what DNS answers decide holds as
+    long as the first answer it read. The oldest entries go past `entries`."""
+
+    __slots__ = ("_data", "_entries")
+
+    def __init__(self, entries: int) -> None:
+        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._entries = entries
+
+    def get(self, key: K) -> tuple[float, V] | None:
+        """(expiry, value) while it holds, else None."""
+        memo = self._data.get(key)
+        if memo is not None:
+            if memo[0] > time.time():
+                return memo
+            del self._data[key]
+        return None
+
+    def put(self, key: K, expiry: float, value: V) -> None:
+        self._data[key] = (expiry, value)
+        while len(self._data) > self._entries:
+            self._data.popitem(last=False)
+
+
 _MEMO_ENTRIES = 4096
-# (resolver, name, type) -> (expiry, answer): what the resolver's cache said, until the
-# answer's own expiry; dnspython's cache compares names under a lock, which costs more than
-# the rest of a cached lookup
-_memo: OrderedDict[tuple[int, str, str], tuple[float, dns.resolver.Answer | None]] = (
-    OrderedDict())
+# (resolver, name, type) -> answer: what the resolver's cache said, until the answer's own
+# expiry; dnspython's cache compares names under a lock, which costs more than the rest of a
+# cached lookup
+_memo: Expiring[tuple[int, str, str], dns.resolver.Answer | None] = Expiring(_MEMO_ENTRIES)
 
 
 def cached(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
@@ -67,14 +96,10 @@ def cached_until(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
     key = (id(resolver), name, rdtype)
     memo = _memo.get(key)
     if memo is not None:
-        if memo[0] > time.time():
-            return True, memo[1], memo[0]
-        del _memo[key]
+        return True, memo[1], memo[0]
     found, answer, expiry = _from_cache(resolver, name, rdtype)
     if found:
-        _memo[key] = (expiry, answer)
-        while len(_memo) > _MEMO_ENTRIES:
-            _memo.popitem(last=False)
+        _memo.put(key, expiry, answer)
     return found, answer, expiry
 
 
@@ -105,7 +130,7 @@ def _qname(name: str) -> dns.name.Name | None:
         return None
 
 
-_txt_memo: OrderedDict[tuple[int, str], tuple[float, list[bytes]]] = OrderedDict()
+_txt_memo: Expiring[tuple[int, str], list[bytes]] = Expiring(_MEMO_ENTRIES)
 
 
 def cached_txt(resolver: dns.asyncresolver.Resolver, name: str) -> list[bytes] | None:
@@ -122,14 +147,10 @@ def cached_txt_until(resolver: dns.asyncresolver.Resolver, name: str
     key = (id(resolver), name)
     memo = _txt_memo.get(key)
     if memo is not None:
-        if memo[0] > time.time():
-            return memo[1], memo[0]
-        del _txt_memo[key]
+        return memo[1], memo[0]
     found, answer, expiry = cached_until(resolver, name, "TXT")
     if not found:
         return None, 0.0
     records = [b"".join(r.strings) for r in answer] if answer is not None else []
-    _txt_memo[key] = (expiry, records)
-    while len(_txt_memo) > _MEMO_ENTRIES:
-        _txt_memo.popitem(last=False)
+    _txt_memo.put(key, expiry, records)
     return records, expiry

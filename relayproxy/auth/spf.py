@@ -14,7 +14,6 @@ import asyncio
 import contextvars
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ import dns.resolver
 import spf as pyspf
 
 from ..address import PathError, ascii_domain
-from .lookup import cached_until
+from .lookup import Expiring, cached_until
 
 MAX_ROUNDS = 150  # >= 10 mechanisms x (1 + 10 MX hosts) + void lookups and the explanation
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
@@ -113,9 +112,7 @@ def kept(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: str, helo
          receiver: str) -> SPFResult | None:
     """check()'s result kept under these very arguments (and not expired), else None."""
     memo = _results.get((id(resolver), client_ip, sender, helo, receiver))
-    if memo is not None and memo[0] > time.time():
-        return memo[1]
-    return None
+    return memo[1] if memo is not None else None
 
 
 async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: str,
@@ -141,10 +138,8 @@ async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: st
     memo_key = (id(resolver), client_ip, sender.lower(), helo.lower(), receiver)
     memo = _results.get(memo_key)
     if memo is not None:
-        if memo[0] > time.time():
-            _remember(asked, memo[1], memo[0])
-            return memo[1]
-        del _results[memo_key]
+        _remember(asked, memo[1], memo[0])
+        return memo[1]
     query = pyspf.query(client_ip, sender, helo, receiver=receiver, timeout=timeout)
     identity = query.ident
     domain = query.d
@@ -179,16 +174,14 @@ async def check(resolver: dns.asyncresolver.Resolver, client_ip: str, sender: st
 
 
 RESULT_ENTRIES = 10_000
-# (resolver, ip, sender, HELO, receiver) -> (expiry, result): a result is a function of these
+# (resolver, ip, sender, HELO, receiver) -> result: a result is a function of these
 # and of the DNS answers it read, so it holds until the first of them expires (their TTL);
 # temperror is never kept. A sender seen a moment ago costs no evaluation. The key's sender
 # and HELO are as looked up (lower case, the A-label form), or as given (check's `asked`).
-_results: OrderedDict[tuple[int, str, str, str, str], tuple[float, SPFResult]] = OrderedDict()
+_results: Expiring[tuple[int, str, str, str, str], SPFResult] = Expiring(RESULT_ENTRIES)
 
 
 def _remember(key: tuple[int, str, str, str, str], result: SPFResult, expires: float) -> None:
     if result.result == "temperror" or expires <= time.time() or expires == math.inf:
         return
-    _results[key] = (expires, result)
-    while len(_results) > RESULT_ENTRIES:
-        _results.popitem(last=False)
+    _results.put(key, expires, result)
